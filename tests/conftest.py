@@ -1,0 +1,50 @@
+"""Shared fixtures: the tiny Qwen2.5-VL and the demo shards are built once per test session."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tests never reach a model hub: everything they load is built locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from vlora.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen2.5-vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_src(tmp_path_factory) -> Path:
+    from vlora.data.synth import write_demo_data
+
+    out = tmp_path_factory.mktemp("demo_src")
+    write_demo_data(out, n_train=256, n_val=64, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory, demo_src) -> Path:
+    """shards/train (8 shards of 32) and shards/val (2 shards of 32), as `make shards` lays them out."""
+    from vlora.data.pack import pack
+
+    out = tmp_path_factory.mktemp("shards")
+    pack(demo_src / "train.jsonl", out / "train", shard_size=32)
+    pack(demo_src / "val.jsonl", out / "val", shard_size=32)
+    return out

@@ -1,0 +1,65 @@
+"""Config: file + overrides, types, unknown keys, batch arithmetic, paths; each error is one line naming the culprit."""
+
+import pytest
+
+from vlora.config import load_config, validate
+from vlora.errors import VloraError
+
+
+@pytest.fixture
+def paths(tmp_path):
+    """A config whose paths exist, so each test breaks exactly one thing."""
+    for d in ("model", "train", "val"):
+        (tmp_path / d).mkdir()
+    return [f"model.path={tmp_path / 'model'}", f"data.train={tmp_path / 'train'}", f"data.val={tmp_path / 'val'}"]
+
+
+def test_file_then_overrides(tmp_path, paths):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 1.0e-3\n  global_batch: 64\nlora:\n  targets: [llm_attn]\n")
+    cfg = load_config(f, paths + ["optim.lr=5e-4", "run.progress=false", "lora.targets=llm_attn,merger"])
+    assert cfg.optim.lr == 5e-4 and cfg.optim.global_batch == 64
+    assert cfg.run.progress is False
+    assert cfg.lora.targets == ["llm_attn", "merger"]
+    plan = validate(cfg, world_size=4)
+    assert plan.grad_accum == 64 // (4 * 4)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        ("modle.path=x", "unknown config key 'modle.path'"),
+        ("optim.max_steps=ten", "config key 'optim.max_steps' expects int, got 'ten'"),
+        ("run.precision=fp8", "config key 'run.precision' is 'fp8'; choose one of auto, fp32, bf16, fp16"),
+        ("lora.targets=llm_attn,vision", "lora.targets has 'vision'"),
+    ],
+)
+def test_bad_keys_and_values(paths, override, message):
+    with pytest.raises(VloraError) as e:
+        validate(load_config(None, paths + [override]))
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_batch_not_divisible(paths):
+    cfg = load_config(None, paths + ["optim.global_batch=20", "optim.micro_batch=4"])
+    assert validate(cfg, world_size=1).grad_accum == 5
+    with pytest.raises(VloraError, match=r"optim.global_batch=20 is not divisible by .* = 4 x 2 = 8"):
+        validate(cfg, world_size=2)
+
+
+def test_missing_paths_named(tmp_path, paths):
+    with pytest.raises(VloraError, match=r"model.path '.*/nowhere' does not exist"):
+        validate(load_config(None, paths + [f"model.path={tmp_path / 'nowhere'}"]))
+    with pytest.raises(VloraError, match=r"data.train shard folder '.*/gone' does not exist"):
+        validate(load_config(None, paths + [f"data.train={tmp_path / 'gone'}"]))
+    # An owner/name that is not on disk is a hub id: allowed here, resolved (or refused) at load time.
+    validate(load_config(None, paths + ["model.path=Qwen/Qwen2.5-VL-3B-Instruct"]))
+
+
+def test_unknown_key_in_file(tmp_path, paths):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  shufle_buffer: 10\n")
+    with pytest.raises(VloraError, match="unknown config key 'data.shufle_buffer' \\(did you mean 'data.shuffle_buffer'\\?\\)"):
+        load_config(f, paths)

@@ -1,0 +1,155 @@
+"""The tiny Qwen2.5-VL loads like a downloaded checkpoint, is deterministic, and runs (also in 4-bit)."""
+
+import hashlib
+
+import pytest
+import torch
+from PIL import Image
+
+from vlora import tiny
+
+SPECIAL_IDS = {  # what the fixed corpus + Qwen's token order give; a change here changes every test fixture
+    "<|endoftext|>": 1010, "<|im_start|>": 1011, "<|im_end|>": 1012, "<|vision_start|>": 1019,
+    "<|vision_end|>": 1020, "<|vision_pad|>": 1021, "<|image_pad|>": 1022, "<|video_pad|>": 1023,
+}  # fmt: skip
+QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}]
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def image_batch(processor):
+    text = processor.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], images=[Image.new("RGB", (112, 112), (200, 30, 30))], return_tensors="pt")
+
+
+def test_reload_is_bit_identical_to_the_in_memory_model(tiny_model_dir, model, processor):
+    from transformers import Qwen2_5_VLProcessor
+
+    fresh = tiny.init_model(tiny.build_config(tiny.build_tokenizer()), seed=0).state_dict()
+    loaded = model.state_dict()
+    assert fresh.keys() == loaded.keys()
+    for k in fresh:
+        assert loaded[k].dtype == torch.float32 and torch.equal(fresh[k], loaded[k]), k
+    assert type(processor) is Qwen2_5_VLProcessor
+    assert (tiny_model_dir / "README.md").read_text().startswith("# tiny-qwen2.5-vl (random weights)")
+
+
+def test_sizes(model):
+    cfg = model.config
+    assert cfg.text_config.vocab_size == 1024 and model.lm_head.out_features == 1024
+    assert cfg.vision_config.out_hidden_size == cfg.text_config.hidden_size == 64
+    head_dim = cfg.text_config.hidden_size // cfg.text_config.num_attention_heads
+    assert sum(cfg.text_config.rope_parameters["mrope_section"]) == head_dim // 2
+    assert cfg.tie_word_embeddings is False
+    assert sum(p.numel() for p in model.parameters()) == 446_272
+    # Module paths the rest of vlora relies on (transformers 5.x layout).
+    assert type(model.model.visual.merger.mlp[0]) is torch.nn.Linear
+    assert model.model.language_model.layers[1].self_attn.q_proj.in_features == 64
+
+
+def test_special_tokens_match_the_config(tiny_model_dir, processor, model):
+    from transformers import AutoTokenizer
+
+    tok = processor.tokenizer
+    assert {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_IDS} == SPECIAL_IDS
+    assert len(tok) == 1024
+    cfg = model.config
+    assert (cfg.image_token_id, cfg.video_token_id) == (SPECIAL_IDS["<|image_pad|>"], SPECIAL_IDS["<|video_pad|>"])
+    assert cfg.vision_start_token_id == SPECIAL_IDS["<|vision_start|>"]
+    assert cfg.vision_end_token_id == SPECIAL_IDS["<|vision_end|>"]
+    assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", cfg.text_config.eos_token_id)
+    assert (tok.pad_token, tok.pad_token_id) == ("<|endoftext|>", cfg.text_config.pad_token_id)
+    assert tok.padding_side == "right" and tok.bos_token is None
+    assert model.generation_config.eos_token_id == [SPECIAL_IDS["<|im_end|>"], SPECIAL_IDS["<|endoftext|>"]]
+    # Special tokens are atomic, text round-trips through the byte-level BPE, and reload == in-memory.
+    s = "<|im_start|>user\nWhere is the purple triangle? Café 42<|im_end|>"
+    ids = tok(s).input_ids
+    assert ids[0] == SPECIAL_IDS["<|im_start|>"] and ids[-1] == SPECIAL_IDS["<|im_end|>"]
+    assert tok.decode(ids) == s
+    assert tiny.build_tokenizer()(s).input_ids == ids == AutoTokenizer.from_pretrained(tiny_model_dir)(s).input_ids
+    assert len(tok(" triangle").input_ids) == 1  # demo words are whole tokens
+
+
+def test_chat_template_is_qwens(processor):
+    msgs = QUESTION + [{"role": "assistant", "content": [{"type": "text", "text": "It is red."}]}]
+    assert processor.apply_chat_template(msgs, tokenize=False) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What colour is the circle?<|im_end|>\n"
+        "<|im_start|>assistant\nIt is red.<|im_end|>\n"
+    )
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert processor.apply_chat_template(system, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_image_tokens_and_forward(model, image_batch):
+    grid = image_batch["image_grid_thw"]
+    assert grid.tolist() == [[1, 8, 8]]  # 112 px / 14 px patches
+    assert image_batch["pixel_values"].shape == (64, 3 * 2 * 14 * 14)
+    n_pad = (image_batch["input_ids"] == SPECIAL_IDS["<|image_pad|>"]).sum().item()
+    assert n_pad == grid.prod().item() // 4 == 16
+    with torch.no_grad():
+        logits = model(**image_batch).logits
+    assert logits.shape == (1, image_batch["input_ids"].shape[1], 1024)
+    assert torch.isfinite(logits).all()
+
+
+def test_pixel_budget_survives_reload_and_can_be_overridden(processor):
+    size = processor.image_processor.size
+    assert (size.shortest_edge, size.longest_edge) == (tiny.MIN_PIXELS, tiny.MAX_PIXELS)
+    big, small = Image.new("RGB", (640, 480)), Image.new("RGB", (20, 20))
+    grid = lambda im: processor.image_processor(im, return_tensors="pt")["image_grid_thw"].tolist()  # noqa: E731
+    assert grid(big) == [[1, 12, 18]]  # 54 tokens: capped at 64
+    assert grid(small) == [[1, 4, 4]]  # 4 tokens: the floor
+    text = "<|vision_start|><|image_pad|><|vision_end|>"
+    out = processor(text=[text], images=[big], size={"shortest_edge": 3136, "longest_edge": 28 * 28 * 16})
+    assert out["image_grid_thw"].tolist() == [[1, 6, 8]]
+
+
+def test_same_seed_same_bytes(tiny_model_dir, tmp_path):
+    again = tiny.build_tiny_model(tmp_path / "again", seed=0)
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
+        assert _sha(again / name) == _sha(tiny_model_dir / name), name
+    other = tiny.build_tiny_model(tmp_path / "other", seed=1)
+    assert _sha(other / "model.safetensors") != _sha(tiny_model_dir / "model.safetensors")
+    assert _sha(other / "tokenizer.json") == _sha(tiny_model_dir / "tokenizer.json")
+
+
+def test_4bit_load_keeps_vision_and_lm_head_unquantized(tiny_model_dir, image_batch):
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+
+    # transformers 5.x matches skip names from the start of the module path (or as a suffix),
+    # so the vision tower is "model.visual"; a bare "visual" would quantize it.
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=["model.visual", "lm_head"],
+    )
+    m = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, quantization_config=q, device_map="cpu")
+    four_bit = {n for n, mod in m.named_modules() if isinstance(mod, bnb.nn.Linear4bit)}
+    assert len(four_bit) == 2 * 7 and all(n.startswith("model.language_model.layers.") for n in four_bit)
+    assert not any(isinstance(mod, bnb.nn.Linear4bit) for mod in m.model.visual.modules())
+    assert type(m.lm_head) is torch.nn.Linear
+    with torch.no_grad():
+        logits = m(**image_batch).logits
+    assert logits.shape[-1] == 1024 and torch.isfinite(logits).all()

@@ -1,0 +1,171 @@
+"""Shard samples -> model batches: images resized once, chat template, processor, labels, 3-D RoPE positions, padding.
+
+Runs inside the data-loader workers, so everything per-sample (image decoding and resizing, tokenization,
+label masks, the multimodal RoPE positions that the model would otherwise compute with a Python loop on the
+training step's critical path) is done here, off the GPU's way.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+log = logging.getLogger("vlora")
+
+IGNORE = -100
+# Qwen's own per-image keys: a sample may override the run's resolution for one image.
+PER_IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+
+
+def image_entries(messages: list[dict]) -> list[dict]:
+    """The image placeholders of a conversation, in order (their index matches KEY.<i>.<ext>)."""
+    return [
+        part
+        for m in messages
+        if isinstance(m["content"], list)
+        for part in m["content"]
+        if part.get("type") == "image"
+    ]
+
+
+def sample_images(sample: dict) -> list[bytes]:
+    """The image bytes stored beside KEY.json, ordered by their index (KEY.0.jpg, KEY.1.png, ...)."""
+    numbered = [k for k in sample if k.split(".", 1)[0].isdigit()]
+    return [sample[k] for k in sorted(numbered, key=lambda k: int(k.split(".", 1)[0]))]
+
+
+def mrope_positions(token_types: torch.Tensor, image_grid_thw: torch.Tensor | None, merge: int) -> torch.Tensor:
+    """Qwen2.5-VL's 3-D RoPE positions (temporal, height, width) for ONE unpadded sample, shape (3, L).
+
+    Text tokens count up on all three axes; an image's tokens take (t, row, col) offsets from the position where
+    the image starts, and text after it resumes at start + max(rows, cols). Same result as the model's
+    `get_rope_index` (tested), computed per sample so that padding and packing cannot shift it.
+    """
+    length = token_types.numel()
+    pos = torch.empty(3, length, dtype=torch.long)
+    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    types = token_types.tolist()
+    i, current = 0, 0
+    while i < length:
+        j = i
+        while j < length and types[j] == types[i]:
+            j += 1
+        if types[i] == 0:
+            pos[:, i:j] = torch.arange(current, current + j - i).expand(3, -1)
+            current += j - i
+        else:
+            t, h, w = next(grids)
+            h, w = h // merge, w // merge
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+            pos[:, i:j] = torch.stack([tt, hh, ww]).reshape(3, -1) + current
+            current += max(h, w)
+        i = j
+    return pos
+
+
+@dataclass
+class EncodeStats:
+    skipped_too_long: int = 0
+
+
+class Collator:
+    """Encodes single samples (`encode`) and pads a list of them into a batch (`collate`)."""
+
+    def __init__(self, processor, *, min_pixels: int, max_pixels: int, max_length: int, train_on: str = "assistant"):
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.min_pixels, self.max_pixels, self.max_length = min_pixels, max_pixels, max_length
+        self.train_on = train_on
+        self.image_token_id = self.tok.convert_tokens_to_ids("<|image_pad|>")
+        vision_tokens = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+        self.vision_ids = torch.tensor([self.tok.convert_tokens_to_ids(t) for t in vision_tokens])
+        self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
+        # A turn is found by its header tokens; which roles carry loss is the `train_on` choice.
+        roles = ("assistant",) if train_on == "assistant" else ("user", "assistant")
+        self.headers = [self.tok.encode(f"<|im_start|>{r}\n", add_special_tokens=False) for r in roles]
+        self.pad_id = self.tok.pad_token_id
+        self.merge = processor.image_processor.merge_size
+        self.stats = EncodeStats()
+
+    def load_images(self, messages: list[dict], blobs: list[bytes]) -> list[Image.Image]:
+        from qwen_vl_utils import fetch_image
+
+        images = []
+        for entry, blob in zip(image_entries(messages), blobs, strict=True):
+            spec = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+            spec.update({k: entry[k] for k in PER_IMAGE_KEYS if k in entry})
+            spec["image"] = Image.open(io.BytesIO(blob))
+            images.append(fetch_image(spec))
+        return images
+
+    def label_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """True on the tokens that carry loss: each supervised turn's content and the <|im_end|> that closes it."""
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        seq = ids.tolist()
+        i = 0
+        while i < len(seq):
+            header = next((h for h in self.headers if seq[i : i + len(h)] == h), None)
+            if header is None:
+                i += 1
+                continue
+            start = end = i + len(header)
+            while end < len(seq) and seq[end] != self.im_end:
+                end += 1
+            mask[start : end + 1] = True
+            i = end + 1
+        # Image and video tokens never carry loss, even inside a supervised turn.
+        return mask & ~torch.isin(ids, self.vision_ids)
+
+    def encode(self, sample: dict) -> dict | None:
+        """One shard sample -> tensors of one unpadded sequence; None (counted, logged) if it does not fit."""
+        meta = json.loads(sample["json"])
+        messages = meta["messages"]
+        images = self.load_images(messages, sample_images(sample))
+        text = self.processor.apply_chat_template(messages, tokenize=False)
+        enc = self.processor(text=[text], images=images or None, do_resize=False, return_tensors="pt")
+        ids = enc["input_ids"][0]
+        if ids.numel() > self.max_length:
+            # Cutting would split an image's tokens or drop the answer: skip the sample, never truncate it.
+            self.stats.skipped_too_long += 1
+            log.warning("skipping sample %s: %d tokens > data.max_length=%d", sample.get("__key__"), ids.numel(), self.max_length)
+            return None
+        grid = enc.get("image_grid_thw")
+        token_types = (ids == self.image_token_id).long()
+        labels = torch.where(self.label_mask(ids), ids, IGNORE)
+        out = {
+            "key": sample.get("__key__", ""),
+            "input_ids": ids,
+            "labels": labels,
+            "position_ids": mrope_positions(token_types, grid, self.merge),
+        }
+        if images:
+            out["pixel_values"] = enc["pixel_values"]
+            out["image_grid_thw"] = grid
+        return out
+
+    def collate(self, items: list[dict]) -> dict:
+        """Pad to the longest sample in the batch (right padding; pads are masked and carry no loss)."""
+        n, length = len(items), max(x["input_ids"].numel() for x in items)
+        batch = {
+            "input_ids": torch.full((n, length), self.pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros((n, length), dtype=torch.long),
+            "labels": torch.full((n, length), IGNORE, dtype=torch.long),
+            "position_ids": torch.zeros((3, n, length), dtype=torch.long),
+        }
+        for row, x in enumerate(items):
+            k = x["input_ids"].numel()
+            batch["input_ids"][row, :k] = x["input_ids"]
+            batch["attention_mask"][row, :k] = 1
+            batch["labels"][row, :k] = x["labels"]
+            batch["position_ids"][:, row, :k] = x["position_ids"]
+        with_images = [x for x in items if "pixel_values" in x]
+        if with_images:
+            batch["pixel_values"] = torch.cat([x["pixel_values"] for x in with_images])
+            batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in with_images])
+        batch["keys"] = [x["key"] for x in items]
+        return batch

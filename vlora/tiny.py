@@ -1,0 +1,253 @@
+"""A tiny, randomly initialised Qwen2.5-VL, built locally in a few seconds.
+
+Tests and the CPU demo need a checkpoint that loads exactly like a downloaded one
+(`Qwen2_5_VLForConditionalGeneration.from_pretrained`, `AutoProcessor.from_pretrained`) but nothing
+can be fetched from a model hub here, and the real vocabulary (151k ids) would make every embedding
+and lm_head dominate a toy model. So we build the whole directory ourselves:
+
+- a byte-level BPE trained with `tokenizers` on a small built-in corpus (Qwen2's pre-tokenizer,
+  about 1k ids), followed by Qwen's special tokens in Qwen's order, wrapped as `Qwen2TokenizerFast`;
+- the real Qwen2-VL chat template and image/video processors with small pixel budgets;
+- a real `Qwen2_5_VLConfig` scaled down (text and vision hidden 64, two layers each),
+  initialised under a seed and saved in float32 so the same seed gives byte-identical files.
+
+The token *ids* differ from the real Qwen2.5 ones; everything else (template, special-token
+strings, image-token expansion, module layout) is the real thing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# Qwen's added tokens, in Qwen's order (the real ids start at 151643; ours follow our BPE vocab).
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
+VOCAB_SIZE = 1024  # BPE ids + special tokens; also the model's vocab_size (a multiple of 64)
+MIN_PIXELS = 28 * 28 * 4  # at least 4 image tokens per image
+MAX_PIXELS = 28 * 28 * 64  # at most 64 image tokens per image (a 224x224 image)
+
+# Qwen2-VL's own chat template (Qwen2.5-VL ships the same one).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_SHAPES = ("circle", "square", "triangle")
+_COLOURS = ("red", "green", "blue", "yellow", "white", "black", "orange", "purple")
+_COUNTS = ("one", "two", "three", "four")
+_POSITIONS = ("left", "right", "top", "bottom", "center", "centre")
+_ENGLISH = """\
+You are a helpful assistant.
+Describe the image. Describe the picture in one sentence.
+The quick brown fox jumps over the lazy dog.
+A small boat is sailing on the lake under a clear sky.
+She reads a book in the garden while the children play.
+The train leaves the station at nine o'clock every morning.
+Please answer the question with a single word.
+This is a simple picture with a few coloured shapes on a plain background.
+I think the answer is yes, but I am not completely sure.
+We can see the sun, the trees and a house near the river.
+How are you today? I'm fine, thank you. It's a lovely day, isn't it?
+The model looks at the picture and writes a short answer.
+Count the objects carefully and report the number.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 12 16 24 32 64 100 2024.
+Where is the cat? The cat is under the table, next to the door.
+There are many different colours, sizes and positions in these images.
+Yesterday my friend and I walked through the old city, visited a museum and had dinner by the sea.
+Scientists study the weather, the ocean, animals, plants and the stars to understand our world.
+Good morning! Could you help me find the nearest library, bank or hospital, please?
+The teacher explained the lesson slowly, and the students wrote everything down in their notebooks.
+Water boils at one hundred degrees; ice melts when the temperature rises above zero.
+After the long winter, spring brings warm weather, bright flowers and singing birds.
+He bought bread, milk, cheese, apples and coffee at the market before going home.
+Computers, phones and cameras have changed how people work, learn, travel and communicate.
+The mountain road was narrow and steep, so the driver moved carefully around every corner.
+Music, art and history are important subjects in many schools around the world.
+Our family usually spends the summer holidays in a quiet village near the forest.
+If you have any questions about the project, send me a message or call my office.
+The kitchen window looks over a small yard where tomatoes, beans and herbs grow.
+Every evening the old man feeds the pigeons in the park and watches people pass by.
+Because it was raining heavily, the football match was delayed until Sunday afternoon.
+Learning a new language takes patience, practice and a lot of listening and speaking.
+"""
+
+
+def _corpus() -> list[str]:
+    """The training text: generic English plus every phrase the synthetic demo data uses."""
+    lines = _ENGLISH.splitlines()
+    for i, shape in enumerate(_SHAPES):
+        for j, colour in enumerate(_COLOURS):
+            pos = _POSITIONS[(i + j) % len(_POSITIONS)]
+            count = _COUNTS[(i + j) % len(_COUNTS)]
+            lines += [
+                f"What colour is the {shape}? The {shape} is {colour}.",
+                f"What color is the {shape} on the {pos}? It is {colour}.",
+                f"How many shapes are in the image? There are {count} shapes. There are {(i + j) % 4 + 1}.",
+                f"How many {shape}s are there? There is one {shape}. There are {count} {shape}s.",
+                f"Where is the {colour} {shape}? The {colour} {shape} is on the {pos}.",
+                f"Describe the image. There is a {colour} {shape} in the {pos} of the picture.",
+                f"{'An' if colour[0] in 'aeiou' else 'A'} {colour} {shape} at the {pos}; a {shape} shape, top left.",
+                f"{count.capitalize()} {colour} {shape}s {'on' if pos in ('left', 'right') else 'at'} the {pos}.",
+            ]
+    lines += [
+        "What do you see in this picture? What colour are the shapes? Which colour do the shapes have?",
+        "What shape are the objects? Which kind of shape is shown? Count the shapes.",
+        "Where are the shapes? In which part of the image are the shapes?",
+    ]
+    return lines
+
+
+def build_tokenizer():
+    """Train the byte-level BPE (deterministic: fixed corpus, single pass) and wrap it as Qwen2's tokenizer.
+
+    The pipeline is exactly the one `Qwen2Tokenizer.__init__` rebuilds from vocab + merges on reload
+    (NFC, Qwen2's split regex, ByteLevel without prefix space), so the in-memory and reloaded
+    tokenizers agree id for id.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - len(SPECIAL_TOKENS),
+        min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus(), trainer)
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return Qwen2TokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        padding_side="right",
+        model_max_length=32768,
+        errors="replace",
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+    )
+
+
+def build_processor(tokenizer=None):
+    """The stock Qwen2.5-VL processor around our tokenizer, with small pixel budgets for the tiny model.
+
+    In transformers 5.x the budgets live in `size={"shortest_edge": min_pixels, "longest_edge": max_pixels}`
+    (the min_pixels/max_pixels kwargs are folded into it); override per call with
+    `processor(..., images_kwargs={"size": {...}})` or `processor(..., size={...})`.
+    """
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size),
+        tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
+        video_processor=Qwen2VLVideoProcessor(size=size),
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
+
+
+# Wider than Qwen's 0.02: at width 64, a 0.02-init lm_head caps every logit near 1, so even a perfect adapter
+# could not push the loss far below ln(vocab). At 0.1 the demo's held-out loss can fall from ~7.4 to ~2.6.
+INIT_RANGE = 0.1
+
+
+def build_config(tokenizer):
+    """A real Qwen2.5-VL config at toy scale; the special-token ids come from `tokenizer`."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab_size = -(-len(tokenizer) // 64) * 64
+    text = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768,
+        rms_norm_eps=1e-6, use_sliding_window=False, max_window_layers=2, attention_dropout=0.0,
+        # head_dim 16 -> 8 rotary frequencies split over (temporal, height, width), like Qwen's [16, 24, 24]
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        initializer_range=INIT_RANGE,
+    )  # fmt: skip
+    # Vision widths are multiples of 64: bitsandbytes' CPU 4-bit kernel needs in_features >= its blocksize
+    # (64), so a 32-wide tower crashes on the CPU if it is quantized (the real 1280-wide one does not).
+    vision = dict(
+        depth=2, hidden_size=64, intermediate_size=128, num_heads=2, hidden_act="silu", in_channels=3,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2,
+        window_size=112, fullatt_block_indexes=[1], out_hidden_size=64, initializer_range=INIT_RANGE,
+    )  # fmt: skip
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+        initializer_range=INIT_RANGE,
+        dtype="float32",
+    )
+
+
+def init_model(config, *, seed: int = 0):
+    """Random float32 weights for `config`, a pure function of `seed` (the caller's torch RNG is left alone)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+
+
+def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write a random-init tiny Qwen2.5-VL checkpoint (model + processor + README) to `out_dir`.
+
+    The same `seed` gives byte-identical `model.safetensors` and tokenizer files. Returns the directory.
+    """
+    from transformers import GenerationConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    processor = build_processor()
+    tok = processor.tokenizer
+    config = build_config(tok)
+
+    model = init_model(config, seed=seed)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.pad_token_id,
+        eos_token_id=[tok.eos_token_id, tok.pad_token_id],
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(out)  # safetensors, float32
+    processor.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    (out / "README.md").write_text(
+        "# tiny-qwen2.5-vl (random weights)\n\n"
+        f"A randomly initialised Qwen2.5-VL ({n_params:,} parameters, seed {seed}) built locally by\n"
+        "`vlora.tiny.build_tiny_model` for tests and the CPU demo. Its tokenizer is a toy byte-level\n"
+        f"BPE ({len(tok)} ids) with Qwen's special tokens; its outputs are meaningless.\n"
+    )
+    return out

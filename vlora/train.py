@@ -1,0 +1,238 @@
+"""The training loop, top to bottom: config -> world -> model + data -> steps -> adapter.
+
+One optimizer step = `grad_accum` micro-batches on every rank. Before the forward passes, the step's supervised
+tokens are counted over all micro-batches and ranks; each micro-batch's summed loss is divided by that count,
+so the gradient is the mean over every supervised token of the step, whatever the accumulation or world size.
+Gradients are synchronised (DDP all-reduce) only on the last micro-batch.
+
+Run it as `torchrun --nproc_per_node N train.py --config FILE key=value ...` or, for one process, `python train.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from vlora.config import Config, Plan, load_config, save_config, to_dict, validate
+from vlora.distributed import World, all_reduce_sum, barrier, cleanup, init_distributed, world_size_from_env
+from vlora.errors import VloraError
+from vlora.metrics import Metrics, log, peak_memory_gib, setup_logging
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def supervised_count(batch: dict) -> int:
+    """Tokens whose prediction carries loss: positions t whose label at t+1 is not ignored."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+@torch.no_grad()
+def evaluate(loss_fn, batches: list[dict], world: World, precision) -> float:
+    """Mean held-out loss per supervised token over all ranks' shares of the held-out set."""
+    loss_fn.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=world.device)
+    for batch in batches:
+        with precision.autocast():
+            loss_sum, n = loss_fn(to_device(batch, world.device))
+        sums += torch.stack([loss_sum.double(), n.double()])
+    all_reduce_sum(sums)
+    loss_fn.train()
+    return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+
+
+def param_digest(params: list[torch.Tensor]) -> str:
+    """A hash of the trainable weights' bytes: equal on every rank iff the replicas are bit-identical."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(cfg: Config, plan: Plan) -> dict:
+    """Train under the current process group (or alone) and return what tests and the demo report."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from vlora.checkpoint import save_checkpoint
+    from vlora.data.collate import Collator
+    from vlora.data.stream import heldout_batches, train_loader
+    from vlora.model import SupervisedLoss, build_model, load_processor, save_adapter
+    from vlora.optim import build_optimizer, lr_at, resolve_compute_dtype, resolve_precision, set_lr
+
+    # ---- world, precision, run folder ----
+    world = init_distributed(cfg.run.dist_timeout_s)
+    setup_logging(world.rank, world.size)
+    precision = resolve_precision(cfg, world.device)
+    compute_dtype = resolve_compute_dtype(cfg, precision)
+    run_dir = cfg.run_dir
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    barrier()
+    log.info("world %d | device %s | precision %s | 4-bit %s | grad_accum %d | global batch %d",
+             world.size, world.device, precision.name, cfg.model.quant, plan.grad_accum, cfg.optim.global_batch)
+
+    # ---- model: the same seed on every rank gives the same LoRA init; dropout then differs per rank ----
+    torch.manual_seed(cfg.run.seed)
+    processor = load_processor(cfg.model.path)
+    peft_model = build_model(cfg, world.device, compute_dtype)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in peft_model.parameters())
+    log.info("trainable parameters: %s of %s (%.2f%%)", f"{n_train:,}", f"{n_total:,}", 100 * n_train / n_total)
+    torch.manual_seed(cfg.run.seed + world.rank)
+    loss_fn = SupervisedLoss(peft_model)
+    net = DDP(loss_fn, device_ids=[world.device.index] if world.device.type == "cuda" else None) \
+        if world.distributed else loss_fn
+    optimizer = build_optimizer(params, cfg.optim, world.device)
+    scaler = precision.grad_scaler()
+
+    # ---- data ----
+    collator = Collator(processor, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                        max_length=cfg.data.max_length)
+    batches = train_loader(cfg.data.train, rank=world.rank, world_size=world.size, num_workers=cfg.data.num_workers,
+                           seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                           micro_batch=cfg.optim.micro_batch, encode=collator.encode, collate=collator.collate)
+    heldout = heldout_batches(cfg.data.val, rank=world.rank, world_size=world.size, max_samples=cfg.data.val_samples,
+                              micro_batch=cfg.optim.micro_batch, encode=collator.encode,
+                              collate=collator.collate) if cfg.data.val else []
+
+    metrics = Metrics(run_dir, enabled=world.is_main, total_steps=cfg.optim.max_steps, progress=cfg.run.progress,
+                      wandb_config=to_dict(cfg) if cfg.run.wandb else None)
+    digest_file = None
+    if cfg.run.param_digest:
+        (run_dir / "digests").mkdir(exist_ok=True)
+        digest_file = open(run_dir / "digests" / f"rank{world.rank}.jsonl", "w")
+
+    val_losses = {}
+    if heldout:
+        val_losses[0] = evaluate(loss_fn, heldout, world, precision)
+        metrics.write({"step": 0, "val_loss": val_losses[0]})
+        metrics.info(f"step     0 | held-out loss {val_losses[0]:.4f}")
+
+    # ---- the loop ----
+    skipped = 0
+    window = {"loss_sum": torch.zeros((), device=world.device, dtype=torch.float64), "tokens": 0, "t0": time.perf_counter(),
+              "steps": 0}
+    for step in range(cfg.optim.max_steps):
+        lr = lr_at(step, cfg.optim)
+        set_lr(optimizer, lr)
+        micro_batches = [next(batches) for _ in range(plan.grad_accum)]
+        skipped += sum(b.pop("skipped") for b in micro_batches)
+
+        # The step's global counts, known before any forward: the loss divisor and the throughput numerator.
+        counts = torch.tensor([sum(supervised_count(b) for b in micro_batches),
+                               sum(int(b["attention_mask"].sum()) for b in micro_batches)],
+                              dtype=torch.float64, device=world.device)
+        all_reduce_sum(counts)
+        global_supervised = counts[0].clamp(min=1)
+
+        for i, batch in enumerate(micro_batches):
+            last = i == plan.grad_accum - 1
+            # Non-final micro-batches accumulate locally; DDP all-reduces gradients once, on the last.
+            sync_ctx = contextlib.nullcontext() if (last or not world.distributed) else net.no_sync()
+            with sync_ctx:
+                with precision.autocast():
+                    loss_sum, _ = net(to_device(batch, world.device))
+                # DDP averages gradients over ranks; multiplying by world size turns that into a sum,
+                # so the result is sum(loss) / global_supervised exactly.
+                loss = loss_sum * (world.size / global_supervised)
+                (scaler.scale(loss) if scaler else loss).backward()
+            window["loss_sum"] += loss_sum.detach().double()
+
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window["tokens"] += counts[1].item()
+        window["supervised"] = window.get("supervised", 0) + counts[0].item()
+        window["steps"] += 1
+        metrics.tick()
+
+        if digest_file:
+            digest_file.write(json.dumps({"step": step + 1, "digest": param_digest(params)}) + "\n")
+            digest_file.flush()
+
+        done = step + 1
+        if done % cfg.run.log_every == 0 or done == cfg.optim.max_steps:
+            # The only host sync of the step, and only on log steps: the window's loss summed over ranks.
+            loss_total = all_reduce_sum(window["loss_sum"].clone())
+            elapsed = time.perf_counter() - window["t0"]
+            metrics.step({
+                "step": done, "loss": (loss_total / max(window["supervised"], 1)).item(), "lr": lr,
+                "grad_norm": grad_norm.item(), "tokens_per_s": window["tokens"] / elapsed,
+                "samples_per_s": window["steps"] * cfg.optim.global_batch / elapsed,
+                "peak_mem_gib": peak_memory_gib(world.device), "skipped_samples": skipped,
+            })
+            window = {"loss_sum": torch.zeros_like(window["loss_sum"]), "tokens": 0, "supervised": 0,
+                      "t0": time.perf_counter(), "steps": 0}
+
+        if heldout and cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != cfg.optim.max_steps:
+            val_losses[done] = evaluate(loss_fn, heldout, world, precision)
+            metrics.write({"step": done, "val_loss": val_losses[done]})
+            metrics.info(f"step {done:>5} | held-out loss {val_losses[done]:.4f}")
+        if cfg.run.save_every and done % cfg.run.save_every == 0 and done != cfg.optim.max_steps and world.is_main:
+            save_checkpoint(run_dir, done, peft_model, optimizer, {"skipped_samples": skipped}, cfg.run.keep_last)
+
+    # ---- the end: evaluate, save, report ----
+    if heldout:
+        val_losses[cfg.optim.max_steps] = evaluate(loss_fn, heldout, world, precision)
+        metrics.write({"step": cfg.optim.max_steps, "val_loss": val_losses[cfg.optim.max_steps]})
+    adapter_dir = run_dir / "adapter"
+    if world.is_main:
+        save_checkpoint(run_dir, cfg.optim.max_steps, peft_model, optimizer, {"skipped_samples": skipped},
+                        cfg.run.keep_last)
+        save_adapter(peft_model, adapter_dir)
+        processor.save_pretrained(str(adapter_dir))  # the adapter folder is self-contained for inference
+    barrier()
+    metrics.close()
+    if digest_file:
+        digest_file.close()
+    result = {"val_losses": val_losses, "adapter_dir": adapter_dir, "skipped_samples": skipped,
+              "peft_model": peft_model, "collator": collator, "world": world}
+    if world.is_main and heldout:
+        first, last = val_losses[0], val_losses[cfg.optim.max_steps]
+        print(f"held-out loss: {first:.4f} at step 0 -> {last:.4f} at step {cfg.optim.max_steps}", flush=True)
+    if world.is_main:
+        print(f"adapter saved to {adapter_dir}", flush=True)
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="train.py", description="QLoRA fine-tuning of Qwen2.5-VL on WebDataset shards.")
+    p.add_argument("--config", help="YAML file with sections model, lora, data, optim, run")
+    p.add_argument("overrides", nargs="*", help="section.key=value, applied after the file (e.g. optim.lr=1e-4)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = False
+    try:
+        cfg = load_config(args.config, args.overrides)
+        plan = validate(cfg, world_size_from_env())  # before any model loads or process group forms
+        started = True
+        train(cfg, plan)
+    except VloraError as e:
+        rank = int(os.environ.get("RANK", "0"))
+        # Config errors are the same on every rank: one line, from rank 0. Later ones may differ per rank.
+        if rank == 0 or started:
+            tag = f"[rank {rank}] " if started and world_size_from_env() > 1 else ""
+            print(f"vlora: error: {tag}{e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        cleanup()
+    return 0
