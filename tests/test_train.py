@@ -1,0 +1,135 @@
+"""The real entry point end to end: torchrun + gloo + 4-bit base + LoRA + accumulation, the saved adapter, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+
+def run_overrides(tiny_model_dir, demo_shards, out_dir, **extra) -> list[str]:
+    base = {
+        "model.path": tiny_model_dir, "data.train": demo_shards / "train", "data.val": demo_shards / "val",
+        "data.num_workers": 1, "data.val_samples": 32, "run.out_dir": out_dir, "run.name": "t",
+        "run.progress": "false", "optim.lr": 5e-3, "optim.warmup_steps": 2, "lora.dropout": 0.0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}, **extra)
+    return env
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_4bit_accumulation(tiny_model_dir, demo_shards, tmp_path):
+    """2 ranks x micro-batch 2 x accumulation 2: replicas stay bit-identical after every step and held-out loss falls."""
+    steps = 16
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           *run_overrides(tiny_model_dir, demo_shards, tmp_path, **{
+               "optim.max_steps": steps, "optim.global_batch": 8, "optim.micro_batch": 2,
+               "model.quant": "nf4", "run.param_digest": "true", "run.log_every": 4})]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = tmp_path / "t"
+    assert "grad_accum 2" in proc.stderr and "world 2" in proc.stderr and "4-bit nf4" in proc.stderr
+
+    digests = [read_jsonl(run / "digests" / f"rank{r}.jsonl") for r in (0, 1)]
+    assert [d["step"] for d in digests[0]] == list(range(1, steps + 1))
+    assert digests[0] == digests[1]  # identical LoRA weights on both ranks after every optimizer step
+    assert len({d["digest"] for d in digests[0]}) == steps  # and they change at every step
+
+    records = read_jsonl(run / "metrics.jsonl")
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert set(val) == {0, steps}
+    assert val[steps] < val[0] - 1.0, val
+    train_steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_steps] == [4, 8, 12, 16]
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0 for r in train_steps)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "latest").read_text().strip() == f"step_{steps:08d}"
+    assert {p.name for p in (run / f"step_{steps:08d}").iterdir()} == {"adapter", "optimizer.pt", "train_state.json"}
+    assert f"held-out loss: {val[0]:.4f} at step 0 -> {val[steps]:.4f} at step {steps}" in proc.stdout
+
+
+def test_saved_adapter_loads_with_plain_peft(tiny_model_dir, demo_shards, tmp_path, monkeypatch):
+    """The adapter on disk, loaded by plain peft onto the tiny 4-bit base, gives the in-memory model's logits."""
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+
+    from vlora.config import load_config, validate
+    from vlora.data.stream import heldout_batches
+    from vlora.model import full_logits, keep_training_layout
+    from vlora.train import train
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(None, run_overrides(tiny_model_dir, demo_shards, tmp_path, **{
+        "optim.max_steps": 6, "optim.global_batch": 4, "optim.micro_batch": 4, "data.num_workers": 0}))
+    result = train(cfg, validate(cfg))
+    trained, collator = result["peft_model"], result["collator"]
+    batch = heldout_batches(str(demo_shards / "val"), rank=0, world_size=1, max_samples=4, micro_batch=4,
+                            encode=collator.encode, collate=collator.collate)[0]
+    trained.eval()
+    ours = full_logits(trained, batch)
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["model.visual", "lm_head"])
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tiny_model_dir, quantization_config=quant, dtype=torch.float32, device_map="cpu")
+    # bitsandbytes would otherwise repack the 4-bit weights for its bf16 CPU inference kernel in eval mode
+    # (AVX512-BF16 machines only), which moves logits by ~0.02 whatever the adapter: compare like with like.
+    keep_training_layout(base)
+    untrained = full_logits(base, batch)
+    loaded = PeftModel.from_pretrained(base, result["adapter_dir"]).eval()
+    theirs = full_logits(loaded, batch)
+
+    mask = batch["attention_mask"].bool()
+    assert torch.allclose(ours[mask], theirs[mask], atol=1e-5, rtol=0), (ours[mask] - theirs[mask]).abs().max()
+    assert (ours[mask] - untrained[mask]).abs().max() > 1e-2  # the adapter really changes the model
+
+
+BAD_INPUTS = [
+    ("data.train={missing}", "data.train shard folder '{missing}' does not exist"),
+    ("model.path={missing}", "model.path '{missing}' does not exist"),
+    ("optim.learning_rate=1e-4", "unknown config key 'optim.learning_rate'"),
+    ("optim.global_batch=6", "optim.global_batch=6 is not divisible by optim.micro_batch x world size = 4 x 1 = 4"),
+]
+
+
+@pytest.mark.parametrize("override, expected", BAD_INPUTS, ids=["shards", "model", "key", "batch"])
+def test_bad_input_is_one_line(tiny_model_dir, demo_shards, tmp_path, override, expected):
+    missing = str(tmp_path / "nowhere")
+    cmd = [sys.executable, "train.py",
+           *run_overrides(tiny_model_dir, demo_shards, tmp_path, **{"optim.micro_batch": 4, "optim.global_batch": 8}),
+           override.format(missing=missing)]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"vlora: error: {expected.format(missing=missing)}")
+    assert "Traceback" not in proc.stderr
+
+
+def test_model_folder_that_is_not_a_model(tiny_model_dir, demo_shards, tmp_path):
+    """A folder that exists but holds no checkpoint fails at load time, still in one line naming it."""
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    cmd = [sys.executable, "train.py", *run_overrides(tiny_model_dir, demo_shards, tmp_path), f"model.path={empty}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("vlora: error:")]
+    assert len(errors) == 1 and f"cannot load model.path '{empty}' (folder)" in errors[0]
+    assert "Traceback" not in proc.stderr
