@@ -28,6 +28,17 @@ def clean_env(**extra) -> dict:
     return env
 
 
+def train_in_process(monkeypatch, tiny_model_dir, demo_shards, out_dir, **extra) -> dict:
+    """vlora.train.train() in this process, as a world of one (no torchrun variables leak in)."""
+    from vlora.config import load_config, validate
+    from vlora.train import train
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(None, run_overrides(tiny_model_dir, demo_shards, out_dir, **{"data.num_workers": 0, **extra}))
+    return train(cfg, validate(cfg))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -69,16 +80,11 @@ def test_saved_adapter_loads_with_plain_peft(tiny_model_dir, demo_shards, tmp_pa
     from peft import PeftModel
     from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
 
-    from vlora.config import load_config, validate
     from vlora.data.stream import heldout_batches
     from vlora.model import full_logits, keep_training_layout
-    from vlora.train import train
 
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    cfg = load_config(None, run_overrides(tiny_model_dir, demo_shards, tmp_path, **{
-        "optim.max_steps": 6, "optim.global_batch": 4, "optim.micro_batch": 4, "data.num_workers": 0}))
-    result = train(cfg, validate(cfg))
+    result = train_in_process(monkeypatch, tiny_model_dir, demo_shards, tmp_path, **{
+        "optim.max_steps": 6, "optim.global_batch": 4, "optim.micro_batch": 4})
     trained, collator = result["peft_model"], result["collator"]
     batch = heldout_batches(str(demo_shards / "val"), rank=0, world_size=1, max_samples=4, micro_batch=4,
                             encode=collator.encode, collate=collator.collate)[0]

@@ -50,6 +50,7 @@ class DataArgs:
     shuffle_buffer: int = 256  # samples held for shuffling within a worker
     num_workers: int = 2  # data-loader processes per rank
     val_samples: int = 256  # at most this many held-out samples per evaluation
+    train_on: str = "assistant"  # assistant (loss on replies only) | all (user turns' text too; never images)
 
 
 @dataclass
@@ -104,6 +105,7 @@ CHOICES = {
     "model.attn_implementation": ("sdpa", "eager"),
     "run.precision": ("auto", "fp32", "bf16", "fp16"),
     "run.engine": ("ddp",),
+    "data.train_on": ("assistant", "all"),
 }
 
 

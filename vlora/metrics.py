@@ -39,7 +39,8 @@ class Metrics:
         self.enabled = enabled
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self.bar = None
-        if enabled and progress:
+        # A bar only where someone watches it: in a log file (Slurm, CI) it is noise; the log lines carry the facts.
+        if enabled and progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)

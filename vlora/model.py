@@ -7,6 +7,7 @@ so a 151k-token vocabulary costs logits for the answer tokens, not for every ima
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -65,7 +66,9 @@ def quantization_config(cfg: Config, compute_dtype: torch.dtype):
 def load_base_model(cfg: Config, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
     """The frozen base exactly as a user would load it with transformers, on this rank's device."""
     from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-weight loading bar on every rank drowns the log
     path = cfg.model.path
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -108,7 +111,10 @@ def apply_lora(base: nn.Module, cfg: Config) -> nn.Module:
         target_modules=target_regex(cfg.lora.targets),
         bias="none",
     )
-    model = get_peft_model(base, lora, autocast_adapter_dtype=True)
+    with warnings.catch_warnings():
+        # peft 0.21 asks transformers 5 for a renamed attribute; the deprecation notice is peft's to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(base, lora, autocast_adapter_dtype=True)
     if cfg.model.gradient_checkpointing:
         # Non-reentrant checkpointing propagates gradients to LoRA weights without forcing the inputs to
         # require grad, so the frozen vision tower does not start recording a graph.

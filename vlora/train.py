@@ -97,7 +97,7 @@ def train(cfg: Config, plan: Plan) -> dict:
 
     # ---- data ----
     collator = Collator(processor, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                        max_length=cfg.data.max_length)
+                        max_length=cfg.data.max_length, train_on=cfg.data.train_on)
     batches = train_loader(cfg.data.train, rank=world.rank, world_size=world.size, num_workers=cfg.data.num_workers,
                            seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                            micro_batch=cfg.optim.micro_batch, encode=collator.encode, collate=collator.collate)
@@ -112,16 +112,22 @@ def train(cfg: Config, plan: Plan) -> dict:
         (run_dir / "digests").mkdir(exist_ok=True)
         digest_file = open(run_dir / "digests" / f"rank{world.rank}.jsonl", "w")
 
+    # Decided by the config, not by this rank's share: every rank must join evaluate()'s all-reduce,
+    # also a rank whose share of the held-out set is empty.
+    evaluating = bool(cfg.data.val)
     val_losses = {}
-    if heldout:
+    if evaluating:
         val_losses[0] = evaluate(loss_fn, heldout, world, precision)
         metrics.write({"step": 0, "val_loss": val_losses[0]})
         metrics.info(f"step     0 | held-out loss {val_losses[0]:.4f}")
 
     # ---- the loop ----
     skipped = 0
-    window = {"loss_sum": torch.zeros((), device=world.device, dtype=torch.float64), "tokens": 0, "t0": time.perf_counter(),
-              "steps": 0}
+    # Sums since the last log line; reading them (.item()) syncs with the device, so only on log steps.
+    window_loss = torch.zeros((), dtype=torch.float64, device=world.device)
+    window_counts = torch.zeros(2, dtype=torch.float64, device=world.device)  # supervised tokens, all tokens
+    window_steps = 0
+    window_start = time.perf_counter()
     for step in range(cfg.optim.max_steps):
         lr = lr_at(step, cfg.optim)
         set_lr(optimizer, lr)
@@ -146,7 +152,7 @@ def train(cfg: Config, plan: Plan) -> dict:
                 # so the result is sum(loss) / global_supervised exactly.
                 loss = loss_sum * (world.size / global_supervised)
                 (scaler.scale(loss) if scaler else loss).backward()
-            window["loss_sum"] += loss_sum.detach().double()
+            window_loss += loss_sum.detach()
 
         if scaler:
             scaler.unscale_(optimizer)
@@ -157,30 +163,30 @@ def train(cfg: Config, plan: Plan) -> dict:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window["tokens"] += counts[1].item()
-        window["supervised"] = window.get("supervised", 0) + counts[0].item()
-        window["steps"] += 1
+        done = step + 1
+        window_steps += 1
+        window_counts += counts
         metrics.tick()
-
         if digest_file:
-            digest_file.write(json.dumps({"step": step + 1, "digest": param_digest(params)}) + "\n")
+            digest_file.write(json.dumps({"step": done, "digest": param_digest(params)}) + "\n")
             digest_file.flush()
 
-        done = step + 1
         if done % cfg.run.log_every == 0 or done == cfg.optim.max_steps:
-            # The only host sync of the step, and only on log steps: the window's loss summed over ranks.
-            loss_total = all_reduce_sum(window["loss_sum"].clone())
-            elapsed = time.perf_counter() - window["t0"]
+            all_reduce_sum(window_loss)
+            elapsed = time.perf_counter() - window_start
+            supervised, tokens = window_counts.tolist()
             metrics.step({
-                "step": done, "loss": (loss_total / max(window["supervised"], 1)).item(), "lr": lr,
-                "grad_norm": grad_norm.item(), "tokens_per_s": window["tokens"] / elapsed,
-                "samples_per_s": window["steps"] * cfg.optim.global_batch / elapsed,
+                "step": done, "loss": window_loss.item() / max(supervised, 1), "lr": lr,
+                "grad_norm": grad_norm.item(), "tokens_per_s": tokens / elapsed,
+                "samples_per_s": window_steps * cfg.optim.global_batch / elapsed,
                 "peak_mem_gib": peak_memory_gib(world.device), "skipped_samples": skipped,
             })
-            window = {"loss_sum": torch.zeros_like(window["loss_sum"]), "tokens": 0, "supervised": 0,
-                      "t0": time.perf_counter(), "steps": 0}
+            window_loss.zero_()
+            window_counts.zero_()
+            window_steps = 0
+            window_start = time.perf_counter()
 
-        if heldout and cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != cfg.optim.max_steps:
+        if evaluating and cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != cfg.optim.max_steps:
             val_losses[done] = evaluate(loss_fn, heldout, world, precision)
             metrics.write({"step": done, "val_loss": val_losses[done]})
             metrics.info(f"step {done:>5} | held-out loss {val_losses[done]:.4f}")
@@ -188,7 +194,7 @@ def train(cfg: Config, plan: Plan) -> dict:
             save_checkpoint(run_dir, done, peft_model, optimizer, {"skipped_samples": skipped}, cfg.run.keep_last)
 
     # ---- the end: evaluate, save, report ----
-    if heldout:
+    if evaluating:
         val_losses[cfg.optim.max_steps] = evaluate(loss_fn, heldout, world, precision)
         metrics.write({"step": cfg.optim.max_steps, "val_loss": val_losses[cfg.optim.max_steps]})
     adapter_dir = run_dir / "adapter"
@@ -203,7 +209,7 @@ def train(cfg: Config, plan: Plan) -> dict:
         digest_file.close()
     result = {"val_losses": val_losses, "adapter_dir": adapter_dir, "skipped_samples": skipped,
               "peft_model": peft_model, "collator": collator, "world": world}
-    if world.is_main and heldout:
+    if world.is_main and evaluating:
         first, last = val_losses[0], val_losses[cfg.optim.max_steps]
         print(f"held-out loss: {first:.4f} at step 0 -> {last:.4f} at step {cfg.optim.max_steps}", flush=True)
     if world.is_main:

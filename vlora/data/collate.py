@@ -85,9 +85,10 @@ class Collator:
         vision_tokens = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
         self.vision_ids = torch.tensor([self.tok.convert_tokens_to_ids(t) for t in vision_tokens])
         self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
-        # A turn is found by its header tokens; which roles carry loss is the `train_on` choice.
+        # A turn is found by `<|im_start|>ROLE` and the newline token after it (which may be "\n\n" or longer
+        # when the reply starts with a newline: BPE merges them). `train_on` says which roles carry loss.
         roles = ("assistant",) if train_on == "assistant" else ("user", "assistant")
-        self.headers = [self.tok.encode(f"<|im_start|>{r}\n", add_special_tokens=False) for r in roles]
+        self.headers = [self.tok.encode(f"<|im_start|>{r}", add_special_tokens=False) for r in roles]
         self.pad_id = self.tok.pad_token_id
         self.merge = processor.image_processor.merge_size
         self.stats = EncodeStats()
@@ -99,6 +100,8 @@ class Collator:
         for entry, blob in zip(image_entries(messages), blobs, strict=True):
             spec = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
             spec.update({k: entry[k] for k in PER_IMAGE_KEYS if k in entry})
+            # A per-image limit wins over the run's, also when it asks for fewer pixels than the run's minimum.
+            spec["min_pixels"] = min(spec["min_pixels"], spec["max_pixels"])
             spec["image"] = Image.open(io.BytesIO(blob))
             images.append(fetch_image(spec))
         return images
@@ -110,10 +113,11 @@ class Collator:
         i = 0
         while i < len(seq):
             header = next((h for h in self.headers if seq[i : i + len(h)] == h), None)
-            if header is None:
+            newline = i + len(header) if header else -1
+            if header is None or newline >= len(seq) or not self.tok.decode(seq[newline]).startswith("\n"):
                 i += 1
                 continue
-            start = end = i + len(header)
+            start = end = newline + 1
             while end < len(seq) and seq[end] != self.im_end:
                 end += 1
             mask[start : end + 1] = True

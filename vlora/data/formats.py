@@ -93,19 +93,26 @@ def _is_sharegpt(record: dict) -> bool:
     return isinstance(msgs, list) and bool(msgs) and isinstance(msgs[0], dict) and isinstance(msgs[0].get("content"), str)
 
 
-def _read_sharegpt(record: dict, resolve: Callable[[str], Path]) -> dict:
-    msgs = record.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        _bad("'messages' must be a non-empty list")
+def _read_turns(record: dict, resolve: Callable[[str], Path], *, turns_key: str, role_key: str, text_key: str,
+                roles: dict[str, str], images_key: str) -> dict:
+    """The shared reader of 'a list of turns with string content and <image> tags, plus an image list'."""
+    turns = record.get(turns_key)
+    if not isinstance(turns, list) or not turns:
+        _bad(f"'{turns_key}' must be a non-empty list")
     messages = []
-    for j, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            _bad(f"messages[{j}].role must be one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            _bad(f"messages[{j}].content must be a string")
-        messages.append({"role": m["role"], "content": split_tags(m["content"])})
-    images = _image_list(record.get("images", []), "images")
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get(role_key) not in roles:
+            _bad(f"{turns_key}[{j}].{role_key} must be one of {', '.join(roles)}")
+        if not isinstance(turn.get(text_key), str):
+            _bad(f"{turns_key}[{j}].{text_key} must be a string")
+        messages.append({"role": roles[turn[role_key]], "content": split_tags(turn[text_key])})
+    images = _image_list(record.get(images_key, []), images_key)
     return {"messages": _with_system(record, messages), "images": [resolve(p) for p in images]}
+
+
+def _read_sharegpt(record: dict, resolve: Callable[[str], Path]) -> dict:
+    return _read_turns(record, resolve, turns_key="messages", role_key="role", text_key="content",
+                       roles={r: r for r in ROLES}, images_key="images")
 
 
 # --- LLaVA / Qwen ---------------------------------------------------------------------------------
@@ -119,19 +126,8 @@ def _is_llava(record: dict) -> bool:
 
 
 def _read_llava(record: dict, resolve: Callable[[str], Path]) -> dict:
-    conv = record.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        _bad("'conversations' must be a non-empty list")
-    messages = []
-    for j, turn in enumerate(conv):
-        if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES:
-            _bad(f"conversations[{j}].from must be one of {', '.join(LLAVA_ROLES)}")
-        if not isinstance(turn.get("value"), str):
-            _bad(f"conversations[{j}].value must be a string")
-        messages.append({"role": LLAVA_ROLES[turn["from"]], "content": split_tags(turn["value"])})
-    key = "images" if "images" in record else "image"
-    images = _image_list(record.get(key, []), key)
-    return {"messages": _with_system(record, messages), "images": [resolve(p) for p in images]}
+    return _read_turns(record, resolve, turns_key="conversations", role_key="from", text_key="value",
+                       roles=LLAVA_ROLES, images_key="images" if "images" in record else "image")
 
 
 # name -> (detector, reader); dict order is detection priority.

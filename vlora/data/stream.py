@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from functools import partial
 from collections.abc import Callable, Iterator
 
 import torch
@@ -29,6 +30,11 @@ def check_enough_shards(shard_dir: str, n_shards: int, world_size: int, num_work
         )
 
 
+def take_every(items, *, start: int, step: int):
+    """This rank's shards: every `step`-th from `start` (rank and world size are explicit, not read from the env)."""
+    return itertools.islice(items, start, None, step)
+
+
 class TrainStream(IterableDataset):
     """Endless micro-batches for this rank; each DataLoader worker reads its own share of this rank's shards."""
 
@@ -37,19 +43,20 @@ class TrainStream(IterableDataset):
         urls: list[str],
         *,
         rank: int,
+        world_size: int,
         seed: int,
         shuffle_buffer: int,
         micro_batch: int,
         encode: Callable[[dict], dict | None],
         collate: Callable[[list[dict]], dict],
     ):
-        self.urls, self.rank, self.seed = urls, rank, seed
+        self.urls, self.rank, self.world_size, self.seed = urls, rank, world_size, seed
         self.shuffle_buffer, self.micro_batch = shuffle_buffer, micro_batch
         self.encode, self.collate = encode, collate
 
     def epoch(self, epoch: int) -> wds.WebDataset:
         order = list(self.urls)
-        random.Random(self.seed + epoch).shuffle(order)  # same order on every rank, so the split is a partition
+        random.Random(f"{self.seed}/{epoch}").shuffle(order)  # the same on every rank: the split is a partition
         worker = get_worker_info()
         # The sample shuffle differs per rank and worker (they hold different shards) but repeats run to run.
         rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker.id if worker else 0}")
@@ -57,7 +64,7 @@ class TrainStream(IterableDataset):
             wds.WebDataset(
                 order,
                 shardshuffle=False,  # shuffled above, by seed + epoch, before the split
-                nodesplitter=wds.split_by_node,
+                nodesplitter=partial(take_every, start=self.rank, step=self.world_size),
                 workersplitter=wds.split_by_worker,
                 empty_check=False,  # check_enough_shards already guaranteed a shard per reader
             )
@@ -65,8 +72,9 @@ class TrainStream(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[dict]:
+        # A micro-batch may straddle two epochs: nothing is dropped at an epoch's end, every skip is reported.
+        pending, skipped = [], 0
         for epoch in itertools.count():
-            pending, skipped = [], 0
             for sample in self.epoch(epoch):
                 item = self.encode(sample)
                 if item is None:
@@ -84,7 +92,7 @@ def train_loader(shard_dir: str, *, rank: int, world_size: int, num_workers: int
                  micro_batch: int, encode, collate) -> Iterator[dict]:
     urls = shard_paths(shard_dir)
     check_enough_shards(shard_dir, len(urls), world_size, num_workers)
-    stream = TrainStream(urls, rank=rank, seed=seed, shuffle_buffer=shuffle_buffer, micro_batch=micro_batch,
+    stream = TrainStream(urls, rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer, micro_batch=micro_batch,
                          encode=encode, collate=collate)
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
