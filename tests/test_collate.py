@@ -228,11 +228,17 @@ def test_too_long_sample_is_skipped_never_truncated(make_collator, demo_samples)
     s = demo_samples[0]
     n = make_collator().encode(s)["input_ids"].numel()
     exact = make_collator(max_length=n)
-    assert exact.encode(s)["input_ids"].numel() == n and exact.stats.skipped_too_long == 0
-    short = make_collator(max_length=n - 1)
-    assert short.encode(s) is None
-    assert short.encode(demo_samples[0]) is None
-    assert short.stats.skipped_too_long == 2
+    assert exact.encode(s)["input_ids"].numel() == n
+    assert make_collator(max_length=n - 1).encode(s) is None  # skipped whole, not cut
+
+
+def test_loss_index_points_at_the_supervised_next_tokens(make_collator, demo_samples):
+    col = make_collator()
+    batch = col.collate([col.encode(s) for s in demo_samples[:3]])
+    targets = batch["labels"][:, 1:]
+    assert torch.equal(batch["loss_targets"], targets[targets != -100])
+    rows, cols = batch["loss_index"] // targets.shape[1], batch["loss_index"] % targets.shape[1]
+    assert torch.equal(batch["input_ids"][rows, cols + 1], batch["loss_targets"])
 
 
 # --- collate --------------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ from vlora.errors import VloraError
 
 
 @pytest.fixture
-def paths(tmp_path):
-    """A config whose paths exist, so each test breaks exactly one thing."""
-    for d in ("model", "train", "val"):
-        (tmp_path / d).mkdir()
-    return [f"model.path={tmp_path / 'model'}", f"data.train={tmp_path / 'train'}", f"data.val={tmp_path / 'val'}"]
+def paths(tmp_path, demo_shards):
+    """A config whose paths exist (8 train shards), so each test breaks exactly one thing."""
+    (tmp_path / "model").mkdir()
+    return [f"model.path={tmp_path / 'model'}", f"data.train={demo_shards / 'train'}",
+            f"data.val={demo_shards / 'val'}", f"run.out_dir={tmp_path / 'runs'}", "data.num_workers=2"]
 
 
 def test_file_then_overrides(tmp_path, paths):
@@ -25,6 +25,28 @@ def test_file_then_overrides(tmp_path, paths):
     assert plan.grad_accum == 64 // (4 * 4)
 
 
+def test_too_few_shards_for_ranks_and_workers(paths):
+    cfg = load_config(None, paths + ["optim.global_batch=64"])
+    validate(cfg, world_size=4)  # 8 shards, 4 ranks x 2 workers
+    with pytest.raises(VloraError, match=r"has 8 shard\(s\) but 8 rank\(s\) x 2 worker\(s\) = 16 readers"):
+        validate(cfg, world_size=8)
+
+
+def test_used_run_folder_needs_overwrite(tmp_path, paths):
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(VloraError, match=r"run folder .*runs/demo already holds a run; .*run.overwrite=true"):
+        validate(load_config(None, paths))
+    validate(load_config(None, paths + ["run.overwrite=true"]))
+
+
+def test_damaged_shard_folder_is_named(tmp_path, paths):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VloraError, match=r"empty"):
+        validate(load_config(None, paths + [f"data.val={tmp_path / 'empty'}"]))
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -33,6 +55,9 @@ def test_file_then_overrides(tmp_path, paths):
         ("optim.max_steps=ten", "config key 'optim.max_steps' expects int, got 'ten'"),
         ("run.precision=fp8", "config key 'run.precision' is 'fp8'; choose one of auto, fp32, bf16, fp16"),
         ("lora.targets=llm_attn,vision", "lora.targets has 'vision'"),
+        ("data.num_workers=-1", "config key 'data.num_workers' must be >= 0, got -1"),
+        ("optim.min_lr_ratio=2", "config key 'optim.min_lr_ratio' must lie in [0, 1], got 2.0"),
+        ("data.train_on=everything", "config key 'data.train_on' is 'everything'; choose one of assistant, all"),
     ],
 )
 def test_bad_keys_and_values(paths, override, message):

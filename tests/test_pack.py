@@ -163,6 +163,7 @@ def test_each_reject_reason(tmp_path):
     _png(tmp_path / "a.png")
     (tmp_path / "not_an_image.png").write_bytes(b"this is text")
     good = _png(tmp_path / "b.png", size=(64, 64)).read_bytes()
+    _png(tmp_path / "sliver.png", size=(402, 2))  # wider than Qwen's 200:1 limit
     (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
     src = _jsonl(tmp_path / "bad.jsonl", [
         _qa(id="ok"),                                              # 0 written
@@ -178,6 +179,7 @@ def test_each_reject_reason(tmp_path):
         {"messages": [{"role": "bot", "content": "x"}], "images": []},  # 10
         [1, 2],                                                    # 11
         _qa(id="ok2", images=["a.png"]),                           # 12 written
+        _qa(images=["sliver.png"]),                                # 13
     ])
     s = pack(src, tmp_path / "out", shard_size=10)
     rejects = [json.loads(line) for line in (tmp_path / "out/rejects.jsonl").read_text().splitlines()]
@@ -193,20 +195,21 @@ def test_each_reject_reason(tmp_path):
         ("bad.jsonl", 9, "duplicate_key"),
         ("bad.jsonl", 10, "bad_record"),
         ("bad.jsonl", 11, "bad_record"),
+        ("bad.jsonl", 13, "bad_aspect_ratio"),
     ]
     details = [r["detail"] for r in rejects]
     assert str(tmp_path / "missing.png") in details[0]
     assert details[3] == "2 <image> tag(s) but 1 image(s); make them match"
     assert details[7].startswith("line 9: ")
     assert "'ok' already used by record 0" in details[8]
-    assert (s.read, s.written, s.rejected, s.shards) == (13, 2, 11, 1)
-    assert s.rejects_by_reason == {"bad_record": 2, "duplicate_key": 1, "empty_answer": 1, "image_count_mismatch": 2,
+    assert (s.read, s.written, s.rejected, s.shards) == (14, 2, 12, 1)
+    assert s.rejects_by_reason == {"bad_aspect_ratio": 1, "bad_record": 2, "duplicate_key": 1, "empty_answer": 1, "image_count_mismatch": 2,
                                    "image_missing": 1, "image_unreadable": 2, "invalid_json": 1, "no_assistant": 1}
     m = read_manifest(tmp_path / "out")
-    assert (m["read"], m["samples"], m["rejected"], m["rejects_by_reason"]) == (13, 2, 11, s.rejects_by_reason)
+    assert (m["read"], m["samples"], m["rejected"], m["rejects_by_reason"]) == (14, 2, 12, s.rejects_by_reason)
     got = list(wds.WebDataset(shard_paths(tmp_path / "out"), shardshuffle=False, empty_check=False))
     assert [g["__key__"] for g in got] == ["ok", "ok2"]
-    assert "rejected 11 (bad_record 2, duplicate_key 1," in format_summary(s)
+    assert "rejected 12 (bad_aspect_ratio 1, bad_record 2, duplicate_key 1," in format_summary(s)
 
 
 def test_keys_are_sanitised_and_default_to_stem_index(tmp_path):

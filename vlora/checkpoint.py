@@ -3,7 +3,7 @@
 runs/NAME/step_00000100/
     adapter/adapter_config.json, adapter/adapter_model.safetensors   (PEFT's layout: loadable by plain peft)
     optimizer.pt                                                      (AdamW state; identical on every DDP rank)
-    train_state.json                                                  (step and what the loop needs to go on)
+    train_state.json                                                  (step, skipped-sample count)
 runs/NAME/latest                                                      (the name of the newest complete folder)
 
 A checkpoint is assembled in a hidden temporary folder and renamed into place in one step, and `latest` is

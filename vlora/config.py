@@ -78,6 +78,7 @@ class RunArgs:
     eval_every: int = 0  # optimizer steps between evaluations; 0 = only before and after training
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     keep_last: int = 2  # checkpoints kept
+    overwrite: bool = False  # start afresh in a run folder that already holds a run (its contents are deleted)
     log_every: int = 1  # optimizer steps between log lines
     progress: bool = True  # tqdm bar on rank 0
     wandb: bool = False  # also log to wandb (offline unless WANDB_MODE says otherwise)
@@ -193,7 +194,6 @@ def looks_like_hub_id(path: str) -> bool:
 class Plan:
     """What the config implies for this world size: derived once, used everywhere."""
 
-    world_size: int
     grad_accum: int  # micro-steps per optimizer step on each rank
 
 
@@ -218,8 +218,19 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
     for key, value in positive.items():
         if value <= 0:
             raise VloraError(f"config key '{key}' must be positive, got {value}")
+    non_negative = {
+        "optim.warmup_steps": cfg.optim.warmup_steps, "optim.grad_clip": cfg.optim.grad_clip,
+        "optim.weight_decay": cfg.optim.weight_decay, "data.num_workers": cfg.data.num_workers,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer, "lora.dropout": cfg.lora.dropout,
+        "run.eval_every": cfg.run.eval_every, "run.save_every": cfg.run.save_every,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise VloraError(f"config key '{key}' must be >= 0, got {value}")
     if cfg.optim.lr <= 0:
         raise VloraError(f"config key 'optim.lr' must be positive, got {cfg.optim.lr}")
+    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise VloraError(f"config key 'optim.min_lr_ratio' must lie in [0, 1], got {cfg.optim.min_lr_ratio}")
     if cfg.data.max_pixels < cfg.data.min_pixels:
         raise VloraError(f"data.max_pixels ({cfg.data.max_pixels}) is below data.min_pixels ({cfg.data.min_pixels})")
     if cfg.optim.warmup_steps > cfg.optim.max_steps:
@@ -235,13 +246,22 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
     model_path = cfg.model.path
     if not Path(model_path).exists() and not looks_like_hub_id(model_path):
         raise VloraError(f"model.path '{model_path}' does not exist (a local folder or an owner/name hub id)")
+    from vlora.data.manifest import read_manifest
+    from vlora.data.stream import check_enough_shards
+
     for key in ("data.train", "data.val"):
         folder = getattr(cfg.data, key.split(".")[1])
         if key == "data.val" and not folder:
             continue
         if not Path(folder).is_dir():
             raise VloraError(f"{key} shard folder '{folder}' does not exist; run `make shards` or `vlora pack`")
-    return Plan(world_size=world_size, grad_accum=cfg.optim.global_batch // per_pass)
+        manifest = read_manifest(folder)  # names a missing or damaged shard now, not in a data worker later
+        if key == "data.train":
+            check_enough_shards(folder, len(manifest["shards"]), world_size, cfg.data.num_workers)
+    run_dir = cfg.run_dir
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.run.overwrite:
+        raise VloraError(f"run folder {run_dir} already holds a run; choose another run.name, or set run.overwrite=true")
+    return Plan(grad_accum=cfg.optim.global_batch // per_pass)
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

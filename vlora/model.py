@@ -126,23 +126,24 @@ def build_model(cfg: Config, device: torch.device, compute_dtype: torch.dtype) -
     return apply_lora(load_base_model(cfg, device, compute_dtype), cfg)
 
 
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
 class SupervisedLoss(nn.Module):
-    """Runs the VLM and returns (summed cross-entropy over supervised tokens, number of supervised tokens).
+    """Runs the VLM and returns the summed cross-entropy over the batch's supervised tokens.
 
     The sum (not the mean) is returned so the loop can divide by the step's global token count: then gradient
     accumulation and world size do not change the gradient. The peft model is the only registered child, so DDP
-    sees exactly the parameters that peft made trainable.
+    sees exactly the parameters that peft made trainable. The collator supplies the supervised positions as
+    flat indices (`loss_index`, `loss_targets`), so no boolean mask is resolved on the device (a host sync).
     """
 
     def __init__(self, peft_model: nn.Module):
         super().__init__()
         self.peft_model = peft_model
+        visual = peft_model.get_base_model().model.visual
+        # If anything in the vision tower or merger trains, every backward must reach it, also for a batch
+        # without images: DDP (and ZeRO) expect the same parameters to receive gradients on every rank.
+        self.vision_trains = any(p.requires_grad for p in visual.parameters())
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hf = self.peft_model.get_base_model()
         hidden = hf.model(
             input_ids=batch["input_ids"],
@@ -152,12 +153,25 @@ class SupervisedLoss(nn.Module):
             image_grid_thw=batch.get("image_grid_thw"),
             use_cache=False,
         ).last_hidden_state
-        # Position t predicts token t+1: keep only positions whose next token is supervised.
-        targets = batch["labels"][:, 1:]
-        keep = targets != -100
-        logits = hf.lm_head(hidden[:, :-1][keep])
-        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss_sum, keep.sum()
+        # Position t predicts token t+1; only the supervised positions go through lm_head.
+        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        logits = hf.lm_head(flat.index_select(0, batch["loss_index"]))
+        loss_sum = F.cross_entropy(logits.float(), batch["loss_targets"], reduction="sum")
+        if self.vision_trains and batch.get("pixel_values") is None:
+            loss_sum = loss_sum + 0.0 * self.idle_vision_pass(hf, hidden)
+        return loss_sum
+
+    @staticmethod
+    def idle_vision_pass(hf: nn.Module, like: torch.Tensor) -> torch.Tensor:
+        """The vision tower on one blank minimal image: a zero-weighted term that gives its trainable weights a
+        (zero) gradient on text-only batches, so every rank runs the same backward."""
+        visual = hf.model.visual
+        merge, patch = visual.spatial_merge_size, visual.config.patch_size
+        channels, temporal = visual.config.in_channels, visual.config.temporal_patch_size
+        grid = torch.tensor([[1, merge, merge]], device=like.device)
+        pixels = torch.zeros(merge * merge, channels * temporal * patch * patch, device=like.device,
+                             dtype=visual.dtype)
+        return visual(pixels, grid_thw=grid).pooler_output.sum()
 
 
 @torch.no_grad()

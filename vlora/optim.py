@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from vlora.config import Config, OptimArgs
+from vlora.errors import VloraError
 
 
 def lr_at(step: int, o: OptimArgs) -> float:
@@ -42,7 +43,7 @@ def build_optimizer(params: list[torch.nn.Parameter], o: OptimArgs, device: torc
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,9 +72,12 @@ class Precision:
 
 def resolve_precision(cfg: Config, device: torch.device) -> Precision:
     name = cfg.run.precision
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
     if name == "auto":
         # On the CPU bf16 matmuls are 6-29x slower than fp32 (no bf16 instructions): fp32 there.
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        name = "bf16" if device.type == "cuda" and bf16_ok else "fp32"
+    if name == "bf16" and not bf16_ok:
+        raise VloraError(f"run.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16; use fp16")
     return Precision(name=name, device_type=device.type)
 
 

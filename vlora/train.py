@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -31,9 +32,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def supervised_count(batch: dict) -> int:
-    """Tokens whose prediction carries loss: positions t whose label at t+1 is not ignored."""
-    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 @torch.no_grad()
@@ -43,8 +41,8 @@ def evaluate(loss_fn, batches: list[dict], world: World, precision) -> float:
     sums = torch.zeros(2, dtype=torch.float64, device=world.device)
     for batch in batches:
         with precision.autocast():
-            loss_sum, n = loss_fn(to_device(batch, world.device))
-        sums += torch.stack([loss_sum.double(), n.double()])
+            sums[0] += loss_fn(to_device(batch, world.device)).double()
+        sums[1] += batch["loss_index"].numel()
     all_reduce_sum(sums)
     loss_fn.train()
     return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
@@ -75,6 +73,8 @@ def train(cfg: Config, plan: Plan) -> dict:
     compute_dtype = resolve_compute_dtype(cfg, precision)
     run_dir = cfg.run_dir
     if world.is_main:
+        if cfg.run.overwrite and run_dir.is_dir():
+            shutil.rmtree(run_dir)  # validate() refused a used folder unless the user asked for this
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     barrier()
@@ -86,18 +86,24 @@ def train(cfg: Config, plan: Plan) -> dict:
     processor = load_processor(cfg.model.path)
     peft_model = build_model(cfg, world.device, compute_dtype)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in peft_model.parameters())
+    n_train, n_total = peft_model.get_nb_trainable_parameters()  # counts 4-bit weights at their real size
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{n_train:,}", f"{n_total:,}", 100 * n_train / n_total)
     torch.manual_seed(cfg.run.seed + world.rank)
     loss_fn = SupervisedLoss(peft_model)
-    net = DDP(loss_fn, device_ids=[world.device.index] if world.device.type == "cuda" else None) \
-        if world.distributed else loss_fn
+    net = loss_fn
+    if world.distributed:
+        # DDP would broadcast every frozen weight from rank 0 at start (the whole 4-bit base, across nodes) and
+        # the constant buffers at every step; all ranks load them identically, so only what trains is its business.
+        frozen = [n for n, p in loss_fn.named_parameters() if not p.requires_grad]
+        DDP._set_params_and_buffers_to_ignore_for_model(loss_fn, frozen + [n for n, _ in loss_fn.named_buffers()])
+        net = DDP(loss_fn, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+                  broadcast_buffers=False, gradient_as_bucket_view=True)
     optimizer = build_optimizer(params, cfg.optim, world.device)
     scaler = precision.grad_scaler()
 
     # ---- data ----
     collator = Collator(processor, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                        max_length=cfg.data.max_length, train_on=cfg.data.train_on)
+                        max_length=cfg.data.max_length, train_on=cfg.data.train_on, pixel_dtype=compute_dtype)
     batches = train_loader(cfg.data.train, rank=world.rank, world_size=world.size, num_workers=cfg.data.num_workers,
                            seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                            micro_batch=cfg.optim.micro_batch, encode=collator.encode, collate=collator.collate)
@@ -122,7 +128,8 @@ def train(cfg: Config, plan: Plan) -> dict:
         metrics.info(f"step     0 | held-out loss {val_losses[0]:.4f}")
 
     # ---- the loop ----
-    skipped = 0
+    loss_fn.train()  # from_pretrained returns eval mode: LoRA dropout and gradient checkpointing need train mode
+    skipped = torch.zeros((), dtype=torch.float64, device=world.device)  # all ranks' too-long samples
     # Sums since the last log line; reading them (.item()) syncs with the device, so only on log steps.
     window_loss = torch.zeros((), dtype=torch.float64, device=world.device)
     window_counts = torch.zeros(2, dtype=torch.float64, device=world.device)  # supervised tokens, all tokens
@@ -132,11 +139,12 @@ def train(cfg: Config, plan: Plan) -> dict:
         lr = lr_at(step, cfg.optim)
         set_lr(optimizer, lr)
         micro_batches = [next(batches) for _ in range(plan.grad_accum)]
-        skipped += sum(b.pop("skipped") for b in micro_batches)
 
-        # The step's global counts, known before any forward: the loss divisor and the throughput numerator.
-        counts = torch.tensor([sum(supervised_count(b) for b in micro_batches),
-                               sum(int(b["attention_mask"].sum()) for b in micro_batches)],
+        # The step's global counts, known before any forward: the loss divisor, the throughput numerator and
+        # the samples skipped (too long) on every rank, in one all-reduce.
+        counts = torch.tensor([sum(b["loss_index"].numel() for b in micro_batches),
+                               sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                               sum(b.pop("skipped") for b in micro_batches)],
                               dtype=torch.float64, device=world.device)
         all_reduce_sum(counts)
         global_supervised = counts[0].clamp(min=1)
@@ -147,7 +155,7 @@ def train(cfg: Config, plan: Plan) -> dict:
             sync_ctx = contextlib.nullcontext() if (last or not world.distributed) else net.no_sync()
             with sync_ctx:
                 with precision.autocast():
-                    loss_sum, _ = net(to_device(batch, world.device))
+                    loss_sum = net(to_device(batch, world.device))
                 # DDP averages gradients over ranks; multiplying by world size turns that into a sum,
                 # so the result is sum(loss) / global_supervised exactly.
                 loss = loss_sum * (world.size / global_supervised)
@@ -165,7 +173,8 @@ def train(cfg: Config, plan: Plan) -> dict:
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         window_steps += 1
-        window_counts += counts
+        window_counts += counts[:2]
+        skipped += counts[2]
         metrics.tick()
         if digest_file:
             digest_file.write(json.dumps({"step": done, "digest": param_digest(params)}) + "\n")
@@ -179,7 +188,7 @@ def train(cfg: Config, plan: Plan) -> dict:
                 "step": done, "loss": window_loss.item() / max(supervised, 1), "lr": lr,
                 "grad_norm": grad_norm.item(), "tokens_per_s": tokens / elapsed,
                 "samples_per_s": window_steps * cfg.optim.global_batch / elapsed,
-                "peak_mem_gib": peak_memory_gib(world.device), "skipped_samples": skipped,
+                "peak_mem_gib": peak_memory_gib(world.device), "skipped_samples": int(skipped),
             })
             window_loss.zero_()
             window_counts.zero_()
@@ -191,7 +200,7 @@ def train(cfg: Config, plan: Plan) -> dict:
             metrics.write({"step": done, "val_loss": val_losses[done]})
             metrics.info(f"step {done:>5} | held-out loss {val_losses[done]:.4f}")
         if cfg.run.save_every and done % cfg.run.save_every == 0 and done != cfg.optim.max_steps and world.is_main:
-            save_checkpoint(run_dir, done, peft_model, optimizer, {"skipped_samples": skipped}, cfg.run.keep_last)
+            save_checkpoint(run_dir, done, peft_model, optimizer, {"skipped_samples": int(skipped)}, cfg.run.keep_last)
 
     # ---- the end: evaluate, save, report ----
     if evaluating:
@@ -199,7 +208,7 @@ def train(cfg: Config, plan: Plan) -> dict:
         metrics.write({"step": cfg.optim.max_steps, "val_loss": val_losses[cfg.optim.max_steps]})
     adapter_dir = run_dir / "adapter"
     if world.is_main:
-        save_checkpoint(run_dir, cfg.optim.max_steps, peft_model, optimizer, {"skipped_samples": skipped},
+        save_checkpoint(run_dir, cfg.optim.max_steps, peft_model, optimizer, {"skipped_samples": int(skipped)},
                         cfg.run.keep_last)
         save_adapter(peft_model, adapter_dir)
         processor.save_pretrained(str(adapter_dir))  # the adapter folder is self-contained for inference
@@ -207,7 +216,7 @@ def train(cfg: Config, plan: Plan) -> dict:
     metrics.close()
     if digest_file:
         digest_file.close()
-    result = {"val_losses": val_losses, "adapter_dir": adapter_dir, "skipped_samples": skipped,
+    result = {"val_losses": val_losses, "adapter_dir": adapter_dir, "skipped_samples": int(skipped),
               "peft_model": peft_model, "collator": collator, "world": world}
     if world.is_main and evaluating:
         first, last = val_losses[0], val_losses[cfg.optim.max_steps]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -68,16 +67,13 @@ def mrope_positions(token_types: torch.Tensor, image_grid_thw: torch.Tensor | No
     return pos
 
 
-@dataclass
-class EncodeStats:
-    skipped_too_long: int = 0
-
-
 class Collator:
     """Encodes single samples (`encode`) and pads a list of them into a batch (`collate`)."""
 
-    def __init__(self, processor, *, min_pixels: int, max_pixels: int, max_length: int, train_on: str = "assistant"):
+    def __init__(self, processor, *, min_pixels: int, max_pixels: int, max_length: int, train_on: str = "assistant",
+                 pixel_dtype: torch.dtype = torch.float32):
         self.processor = processor
+        self.pixel_dtype = pixel_dtype  # the vision tower's dtype: cast here, in the worker, not after the copy
         self.tok = processor.tokenizer
         self.min_pixels, self.max_pixels, self.max_length = min_pixels, max_pixels, max_length
         self.train_on = train_on
@@ -91,7 +87,6 @@ class Collator:
         self.headers = [self.tok.encode(f"<|im_start|>{r}", add_special_tokens=False) for r in roles]
         self.pad_id = self.tok.pad_token_id
         self.merge = processor.image_processor.merge_size
-        self.stats = EncodeStats()
 
     def load_images(self, messages: list[dict], blobs: list[bytes]) -> list[Image.Image]:
         from qwen_vl_utils import fetch_image
@@ -135,7 +130,6 @@ class Collator:
         ids = enc["input_ids"][0]
         if ids.numel() > self.max_length:
             # Cutting would split an image's tokens or drop the answer: skip the sample, never truncate it.
-            self.stats.skipped_too_long += 1
             log.warning("skipping sample %s: %d tokens > data.max_length=%d", sample.get("__key__"), ids.numel(), self.max_length)
             return None
         grid = enc.get("image_grid_thw")
@@ -148,7 +142,7 @@ class Collator:
             "position_ids": mrope_positions(token_types, grid, self.merge),
         }
         if images:
-            out["pixel_values"] = enc["pixel_values"]
+            out["pixel_values"] = enc["pixel_values"].to(self.pixel_dtype)
             out["image_grid_thw"] = grid
         return out
 
@@ -171,5 +165,10 @@ class Collator:
         if with_images:
             batch["pixel_values"] = torch.cat([x["pixel_values"] for x in with_images])
             batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in with_images])
+        # Flat positions (into the batch's first length-1 columns) whose next token carries loss, and those
+        # tokens: the loss gathers them with index_select, so the device never resolves a boolean mask.
+        targets = batch["labels"][:, 1:].reshape(-1)
+        batch["loss_index"] = (targets != IGNORE).nonzero().squeeze(1)
+        batch["loss_targets"] = targets[batch["loss_index"]]
         batch["keys"] = [x["key"] for x in items]
         return batch

@@ -94,6 +94,9 @@ def validate(sample: dict) -> None:
             raise RecordError("empty_answer", f"assistant message {j} is empty; fill it in or drop the turn")
 
 
+MAX_ASPECT_RATIO = 200  # qwen_vl_utils.smart_resize's limit
+
+
 def read_image(path: Path, i: int) -> tuple[bytes, str, int, int]:
     """(original bytes, extension, width, height) of image i; RecordError if missing or undecodable."""
     try:
@@ -109,6 +112,9 @@ def read_image(path: Path, i: int) -> tuple[bytes, str, int, int]:
             (w, h), pil_format = im.size, im.format
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise RecordError("image_unreadable", f"image {i} {path}: {type(e).__name__}: {e}") from None
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        # Qwen's smart_resize refuses these; found here, the run never meets them in a data worker.
+        raise RecordError("bad_aspect_ratio", f"image {i} {path}: {w}x{h} is more than {MAX_ASPECT_RATIO}:1")
     ext = path.suffix.lower().lstrip(".")
     ext = EXT_ALIASES.get(ext, ext)
     if ext not in KNOWN_EXTS:  # no or odd suffix: name it after the content so decoders pick it up
