@@ -7,6 +7,7 @@ DEMO    := shards/demo
 NPROC   ?= 2
 SRC     ?=
 OUT     ?=
+PACK_ARGS ?=
 
 .PHONY: setup demo shards demo-shards tiny-model train test test-fast lint clean
 
@@ -22,12 +23,14 @@ tiny-model: $(TINY)/config.json
 $(TINY)/config.json: | $(STAMP)
 	$(VLORA) tiny-model --out $(TINY)
 
-# `make shards` packs the demo set; `make shards SRC=annotations.jsonl OUT=shards/NAME/train` packs yours.
+# `make shards` packs the demo set; `make shards SRC=annotations.jsonl OUT=shards/NAME/train` packs yours
+# (SRC may be a folder of .json/.jsonl files; more flags: PACK_ARGS="--max-reject 0.01 --workers 4").
 shards: | $(STAMP)
 ifeq ($(SRC),)
 	$(MAKE) demo-shards
 else
-	$(VLORA) pack --src $(SRC) --out $(OUT)
+	$(if $(OUT),,$(error OUT is required with SRC, e.g. make shards SRC=$(SRC) OUT=shards/NAME/train))
+	$(VLORA) pack --src $(SRC) --out $(OUT) $(PACK_ARGS)
 endif
 
 demo-shards: $(DEMO)/train/manifest.json $(DEMO)/val/manifest.json

@@ -48,3 +48,17 @@ def demo_shards(tmp_path_factory, demo_src) -> Path:
     pack(demo_src / "train.jsonl", out / "train", shard_size=32)
     pack(demo_src / "val.jsonl", out / "val", shard_size=32)
     return out
+
+
+def tiny_lora_model(tiny_model_dir: Path, *overrides: str):
+    """The tiny 4-bit base with LoRA (fp32 compute, no dropout), lora_B given weight so every adapter matters."""
+    from vlora.config import load_config
+    from vlora.model import build_model
+
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "lora.dropout=0", *overrides])
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.device("cpu"), torch.float32)
+    for name, p in model.named_parameters():  # LoRA B starts at zero, which would hide the adapter's path
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.train()

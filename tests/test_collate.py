@@ -283,6 +283,7 @@ def test_collate_text_only_batch_has_no_pixels(make_collator):
     assert "pixel_values" not in b and "image_grid_thw" not in b
     assert b["keys"] == ["Hi", "Is the sky blue today?"]
     assert b["attention_mask"].sum(1).tolist() == [x["input_ids"].numel() for x in items]
+    assert b["n_samples"] == 2 and b["n_tokens"] == int(b["attention_mask"].sum())
 
 
 def test_images_follow_their_index_not_dict_order(make_collator):

@@ -85,6 +85,6 @@ def test_missing_paths_named(tmp_path, paths):
 
 def test_unknown_key_in_file(tmp_path, paths):
     f = tmp_path / "c.yaml"
-    f.write_text("data:\n  shufle_buffer: 10\n")
-    with pytest.raises(VloraError, match="unknown config key 'data.shufle_buffer' \\(did you mean 'data.shuffle_buffer'\\?\\)"):
+    f.write_text("data:\n  open_shard: 10\n")
+    with pytest.raises(VloraError, match="unknown config key 'data.open_shard' \\(did you mean 'data.open_shards'\\?\\)"):
         load_config(f, paths)

@@ -5,22 +5,17 @@ import json
 import bitsandbytes as bnb
 import pytest
 import torch
+
+from conftest import tiny_lora_model
 import torch.nn.functional as F
 
-from vlora.config import load_config
 from vlora.data.collate import Collator
-from vlora.model import SupervisedLoss, build_model, full_logits, load_processor
+from vlora.model import SupervisedLoss, full_logits, load_processor
 
 
 @pytest.fixture(scope="module")
 def peft_model(tiny_model_dir):
-    cfg = load_config(None, [f"model.path={tiny_model_dir}", "lora.dropout=0"])
-    torch.manual_seed(0)
-    model = build_model(cfg, torch.device("cpu"), torch.float32)
-    for name, p in model.named_parameters():  # LoRA B starts at zero: give it weight so every path matters
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    return model.train()
+    return tiny_lora_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

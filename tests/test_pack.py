@@ -1,20 +1,27 @@
-"""Formats -> canonical samples, and pack -> shards + manifest + rejects, checked byte for byte."""
+"""pack -> shards + manifest + rejects, checked byte for byte: rejects, balance, folders, workers, tokens, CLI.
+(Formats -> canonical samples are in test_formats.py.)"""
 
+import base64
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import webdataset as wds
 from PIL import Image
 
+from conftest import REPO
 from vlora.data import pack as pack_mod
-from vlora.data.formats import detect, load_samples, read_annotations
+from vlora.data.formats import load_samples
 from vlora.data.manifest import read_manifest, shard_paths, write_manifest
-from vlora.data.pack import format_summary, pack, sample_key
+from vlora.data.pack import TokenCounter, format_summary, pack, sample_key
 from vlora.errors import VloraError
 
-MLLM_DEMO = Path("/work/shared/peers/llamafactory_mllm_demo/mllm_demo.json")
+PEERS = Path("/work/shared/peers/llamafactory_mllm_demo")
+MLLM_DEMO = PEERS / "mllm_demo.json"
+V1_DEMO = PEERS / "v1_multimodal_demo.jsonl"
 
 
 def _png(path: Path, colour=(255, 0, 0), size=(8, 6)) -> Path:
@@ -36,74 +43,16 @@ def _qa(q="<image>Q?", a="A", images=("a.png",), **extra) -> dict:
     return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "images": list(images), **extra}
 
 
-# --- formats --------------------------------------------------------------------------------------
+def _read(out: Path) -> list[dict]:
+    return list(wds.WebDataset(shard_paths(out), shardshuffle=False, empty_check=False))
 
 
-def test_sharegpt_to_canonical(tmp_path):
-    src = _jsonl(tmp_path / "d.jsonl", [{
-        "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Compare <image> and<image>\nplease."},
-            {"role": "assistant", "content": "Same."},
-            {"role": "user", "content": "Why?"},
-            {"role": "assistant", "content": "Red <image> twice."},
-        ],
-        "images": ["x/1.png", "/abs/2.jpg", "3.png"],
-    }])
-    (sample,) = load_samples(src)
-    assert sample["messages"] == [
-        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-        {"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image"}, {"type": "text", "text": " and"},
-                                     {"type": "image"}, {"type": "text", "text": "\nplease."}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Same."}]},
-        {"role": "user", "content": [{"type": "text", "text": "Why?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Red "}, {"type": "image"}, {"type": "text", "text": " twice."}]},
-    ]
-    assert sample["images"] == [tmp_path.absolute() / "x/1.png", Path("/abs/2.jpg"), tmp_path.absolute() / "3.png"]
-    (rooted,) = load_samples(src, image_root=tmp_path / "root")
-    assert rooted["images"][0] == (tmp_path / "root/x/1.png").absolute()
+def _rejects(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
 
 
-def test_llava_to_canonical_json_array(tmp_path):
-    src = tmp_path / "llava.json"
-    src.write_text(json.dumps([
-        {"id": "0", "image": "a.jpg", "conversations": [
-            {"from": "system", "value": "Sys."},
-            {"from": "human", "value": "<image>\nWhat is it?"},
-            {"from": "gpt", "value": "A cat."}]},
-        {"id": "1", "images": ["b.png", "c.png"], "system": "Top-level system.", "conversations": [
-            {"from": "human", "value": "<image><image>Diff?"}, {"from": "gpt", "value": "None."}]},
-        {"id": "2", "conversations": [{"from": "human", "value": "Text only."}, {"from": "gpt", "value": "OK."}]},
-    ], indent=1))
-    fmt, records = read_annotations(src)
-    assert fmt == "llava"
-    a, b, c = (r.sample for r in records)
-    assert a == {"messages": [
-        {"role": "system", "content": [{"type": "text", "text": "Sys."}]},
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is it?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
-    ], "images": [tmp_path.absolute() / "a.jpg"]}
-    assert b["messages"][0] == {"role": "system", "content": [{"type": "text", "text": "Top-level system."}]}
-    assert b["messages"][1]["content"] == [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Diff?"}]
-    assert b["images"] == [tmp_path.absolute() / "b.png", tmp_path.absolute() / "c.png"]
-    assert c["images"] == []
-
-
-def test_detect_and_unknown_format(tmp_path):
-    assert detect(_qa()) == "sharegpt"
-    assert detect({"conversations": [{"from": "human", "value": "hi"}]}) == "llava"
-    # OpenAI-style content lists are a later format: not mistaken for ShareGPT.
-    assert detect({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}) is None
-    src = _jsonl(tmp_path / "weird.jsonl", [{"image_path": "a.png", "text": "caption"}])
-    with pytest.raises(VloraError, match="weird.jsonl: matches no known format") as e:
-        read_annotations(src)
-    assert "\n" not in str(e.value)
-    (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(VloraError, match="empty.jsonl: has no records"):
-        read_annotations(tmp_path / "empty.jsonl")
-    (tmp_path / "broken.json").write_text('[{"messages": ]')
-    with pytest.raises(VloraError, match="broken.json: not valid JSON"):
-        read_annotations(tmp_path / "broken.json")
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
 # --- pack: the demo shards --------------------------------------------------------------------------
@@ -119,7 +68,10 @@ def test_demo_manifest_matches_files(demo_shards):
         assert [s["samples"] for s in m["shards"]] == [32] * n_shards
         for s in m["shards"]:
             assert s["sha256"] == _sha(d / s["name"]) and s["bytes"] == (d / s["name"]).stat().st_size
-        assert m["sources"] == [{"file": f"{split}.jsonl", "format": "sharegpt", "records": n, "sha256": m["sources"][0]["sha256"]}]
+        assert m["sources"] == [{"file": f"{split}.jsonl", "format": "sharegpt", "records": n, "paths_resolved_by_suffix": 0,
+                                 "sha256": m["sources"][0]["sha256"]}]
+        assert (m["paths_resolved_by_suffix"], m["checks"]) == (0, {"max_image_pixels": 89_478_485, "max_aspect_ratio": 200,
+                                                                  "min_pixels": 3136, "max_pixels": 200704})
         assert (d / "rejects.jsonl").read_text() == ""
         assert sorted(p.name for p in d.iterdir()) == sorted(["manifest.json", "rejects.jsonl"] + [s["name"] for s in m["shards"]])
         text = (d / "manifest.json").read_text()
@@ -136,14 +88,17 @@ def test_demo_shards_stream_back_identically(demo_src, demo_shards):
         assert set(s) - {"__key__", "__url__", "__local_path__"} == {"json", "0.png"}
         assert s["0.png"] == (demo_src / r["images"][0]).read_bytes()
         meta = json.loads(s["json"])
-        assert meta == {"messages": c["messages"], "source": {"file": "train.jsonl", "index": i}, "images": [{"width": 112, "height": 112}]}
+        assert meta == {"messages": c["messages"], "source": {"file": "train.jsonl", "index": i, "line": i + 1},
+                        "images": [{"width": 112, "height": 112}]}
 
 
-def test_repack_is_byte_identical(demo_src, demo_shards, tmp_path):
+def test_repack_is_byte_identical_for_any_workers(demo_src, demo_shards, tmp_path):
     pack(demo_src / "val.jsonl", tmp_path / "a", shard_size=32)
-    pack(demo_src / "val.jsonl", tmp_path / "b", shard_size=32)
-    for name in ("shard-000000.tar", "shard-000001.tar", "manifest.json", "rejects.jsonl"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes() == (demo_shards / "val" / name).read_bytes()
+    pack(demo_src / "val.jsonl", tmp_path / "b", shard_size=32, workers=2)
+    pack(demo_src / "val.jsonl", tmp_path / "c", shard_size=32, workers=3)
+    expected = _files(demo_shards / "val")
+    assert list(expected) == ["manifest.json", "rejects.jsonl", "shard-000000.tar", "shard-000001.tar"]
+    assert _files(tmp_path / "a") == _files(tmp_path / "b") == _files(tmp_path / "c") == expected
 
 
 def test_pack_replaces_an_earlier_pack_in_place(demo_src, tmp_path):
@@ -159,12 +114,15 @@ def test_pack_replaces_an_earlier_pack_in_place(demo_src, tmp_path):
 # --- pack: rejects ---------------------------------------------------------------------------------
 
 
-def test_each_reject_reason(tmp_path):
+def test_each_reject_reason_and_the_balance(tmp_path):
     _png(tmp_path / "a.png")
     (tmp_path / "not_an_image.png").write_bytes(b"this is text")
     good = _png(tmp_path / "b.png", size=(64, 64)).read_bytes()
     _png(tmp_path / "sliver.png", size=(402, 2))  # wider than Qwen's 200:1 limit
     (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
+    _png(tmp_path / "big.png", size=(80, 80))  # 6400 pixels: over the limit (PIL would only warn)
+    _png(tmp_path / "bomb.png", size=(120, 120))  # 14400: over twice the limit (PIL's DecompressionBombError)
+    inline = base64.b64encode(good).decode()
     src = _jsonl(tmp_path / "bad.jsonl", [
         _qa(id="ok"),                                              # 0 written
         _qa(images=["missing.png"]),                               # 1
@@ -180,36 +138,47 @@ def test_each_reject_reason(tmp_path):
         [1, 2],                                                    # 11
         _qa(id="ok2", images=["a.png"]),                           # 12 written
         _qa(images=["sliver.png"]),                                # 13
+        _qa(images=["https://example.com/cat.jpg"]),               # 14
+        _qa(images=["big.png"]),                                   # 15
+        _qa(images=["bomb.png"]),                                  # 16
+        '"INVALID_UTF8"',                                          # 17 (bytes patched below)
+        _qa(id="inline", images=[f"data:image/png;base64,{inline}"]),  # 18 written, decoded
+        _qa(images=["data:image/png;base64,%%%"]),                 # 19
     ])
-    s = pack(src, tmp_path / "out", shard_size=10)
-    rejects = [json.loads(line) for line in (tmp_path / "out/rejects.jsonl").read_text().splitlines()]
-    assert [(r["source"], r["index"], r["reason"]) for r in rejects] == [
-        ("bad.jsonl", 1, "image_missing"),
-        ("bad.jsonl", 2, "image_unreadable"),
-        ("bad.jsonl", 3, "image_unreadable"),
-        ("bad.jsonl", 4, "image_count_mismatch"),
-        ("bad.jsonl", 5, "image_count_mismatch"),
-        ("bad.jsonl", 6, "no_assistant"),
-        ("bad.jsonl", 7, "empty_answer"),
-        ("bad.jsonl", 8, "invalid_json"),
-        ("bad.jsonl", 9, "duplicate_key"),
-        ("bad.jsonl", 10, "bad_record"),
-        ("bad.jsonl", 11, "bad_record"),
-        ("bad.jsonl", 13, "bad_aspect_ratio"),
+    src.write_bytes(src.read_bytes().replace(b'"INVALID_UTF8"', b'{"messages": "caf\xe9"}'))
+    s = pack(src, tmp_path / "out", shard_size=10, max_image_pixels=5000)
+    rejects = _rejects(tmp_path / "out")
+    assert [(r["source"], r["index"], r["line"], r["reason"]) for r in rejects] == [
+        ("bad.jsonl", i, i + 1, reason) for i, reason in [
+            (1, "image_missing"), (2, "image_unreadable"), (3, "image_unreadable"), (4, "image_count_mismatch"),
+            (5, "image_count_mismatch"), (6, "no_assistant"), (7, "empty_answer"), (8, "invalid_json"), (9, "duplicate_key"),
+            (10, "bad_record"), (11, "bad_record"), (13, "bad_aspect_ratio"), (14, "remote_image"), (15, "image_too_large"),
+            (16, "image_too_large"), (17, "invalid_utf8"), (19, "image_unreadable")]
     ]
     details = [r["detail"] for r in rejects]
     assert str(tmp_path / "missing.png") in details[0]
     assert details[3] == "2 <image> tag(s) but 1 image(s); make them match"
     assert details[7].startswith("line 9: ")
-    assert "'ok' already used by record 0" in details[8]
-    assert (s.read, s.written, s.rejected, s.shards) == (14, 2, 12, 1)
+    assert "'ok' already used by bad.jsonl record 0" in details[8]
+    assert details[12].startswith("https://example.com/cat.jpg: remote images are not downloaded")
+    assert "Image size (6400 pixels) exceeds limit of 5000 pixels" in details[13] and str(tmp_path / "big.png") in details[13]
+    assert "Image size (14400 pixels) exceeds limit of 10000 pixels" in details[14]
+    assert details[15] == "line 18: byte 0xe9 at column 18 is not valid UTF-8; re-save the file as UTF-8"
+    assert details[16].startswith("image 0 data:image/png;base64: ")
+    assert (s.read, s.written, s.rejected, s.shards) == (20, 3, 17, 1) and s.read == s.written + s.rejected
     assert s.rejects_by_reason == {"bad_aspect_ratio": 1, "bad_record": 2, "duplicate_key": 1, "empty_answer": 1, "image_count_mismatch": 2,
-                                   "image_missing": 1, "image_unreadable": 2, "invalid_json": 1, "no_assistant": 1}
+                                   "image_missing": 1, "image_too_large": 2, "image_unreadable": 3, "invalid_json": 1, "invalid_utf8": 1,
+                                   "no_assistant": 1, "remote_image": 1}
+    assert sum(s.rejects_by_reason.values()) == s.rejected
+    assert s.first_rejects == rejects[:3]
     m = read_manifest(tmp_path / "out")
-    assert (m["read"], m["samples"], m["rejected"], m["rejects_by_reason"]) == (14, 2, 12, s.rejects_by_reason)
-    got = list(wds.WebDataset(shard_paths(tmp_path / "out"), shardshuffle=False, empty_check=False))
-    assert [g["__key__"] for g in got] == ["ok", "ok2"]
-    assert "rejected 12 (bad_aspect_ratio 1, bad_record 2, duplicate_key 1," in format_summary(s)
+    assert (m["read"], m["samples"], m["rejected"], m["rejects_by_reason"]) == (20, 3, 17, s.rejects_by_reason)
+    assert m["checks"]["max_image_pixels"] == 5000
+    got = _read(tmp_path / "out")
+    assert [g["__key__"] for g in got] == ["ok", "ok2", "inline"]
+    assert got[2]["0.png"] == good  # the data: URI's bytes, as they were
+    assert "rejected 17 (bad_aspect_ratio 1, bad_record 2, duplicate_key 1," in format_summary(s)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # PIL's global is left as it was
 
 
 def test_keys_are_sanitised_and_default_to_stem_index(tmp_path):
@@ -269,7 +238,8 @@ def test_manifest_problems_are_caught(tmp_path):
         read_manifest(d)
 
 
-def test_a_crash_leaves_no_shard_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_crash_leaves_no_shard_folder(tmp_path, monkeypatch, workers):
     _png(tmp_path / "a.png")
     src = _jsonl(tmp_path / "d.jsonl", [_qa(id=f"s{i}") for i in range(5)])
     calls = []
@@ -282,19 +252,50 @@ def test_a_crash_leaves_no_shard_folder(tmp_path, monkeypatch):
 
     real = pack_mod.read_image
     monkeypatch.setattr(pack_mod, "read_image", flaky)
-    with pytest.raises(RuntimeError):
-        pack(src, tmp_path / "out", shard_size=2)
+    with pytest.raises(RuntimeError, match="disk on fire"):  # raised in a worker process, re-raised here
+        pack(src, tmp_path / "out", shard_size=2, workers=workers)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "d.jsonl"]
 
 
-# --- a real LLaMA-Factory file ----------------------------------------------------------------------
+# --- folders ----------------------------------------------------------------------------------------
+
+
+def test_a_folder_packs_every_annotation_file_in_order(tmp_path):
+    d = tmp_path / "data"
+    _png(d / "imgs/a.png")
+    _png(d / "sub/b.png", colour=(0, 0, 255))
+    _jsonl(d / "sub/qa.jsonl", [_qa(id="0", images=["b.png"]), _qa(id="1", images=["missing.png"])])
+    (d / "llava.json").write_text(json.dumps([{"id": "0", "image": "imgs/a.png",
+                                               "conversations": [{"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "Red."}]}]))
+    _jsonl(d / "caps.jsonl", [{"image_path": "imgs/a.png", "text": "A red square."}])
+    (d / ".hidden").mkdir()
+    _jsonl(d / ".hidden/skip.jsonl", ["not even json"])
+    (d / "notes.txt").write_text("not an annotation file")
+    out = d / "shards"  # inside the source folder: its manifest.json must not be read back as annotations
+    for _ in range(2):
+        s = pack(d, out)
+        assert (s.read, s.written, s.rejected) == (4, 3, 1)
+    m = read_manifest(out)
+    assert [(x["file"], x["format"], x["records"]) for x in m["sources"]] == [
+        ("caps.jsonl", "caption", 1), ("llava.json", "llava", 1), ("sub/qa.jsonl", "sharegpt", 2)]
+    # Ids are scoped by file in a folder: both files' "0" survive.
+    assert [g["__key__"] for g in _read(out)] == ["caps-00000000", "llava_0", "sub_qa_0"]
+    assert [json.loads(g["json"])["source"] for g in _read(out)] == [
+        {"file": "caps.jsonl", "index": 0, "line": 1}, {"file": "llava.json", "index": 0}, {"file": "sub/qa.jsonl", "index": 0, "line": 1}]
+    assert [(r["source"], r["line"], r["reason"]) for r in _rejects(out)] == [("sub/qa.jsonl", 2, "image_missing")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VloraError, match="empty: no .json or .jsonl annotation files"):
+        pack(tmp_path / "empty", tmp_path / "out")
+
+
+# --- the real LLaMA-Factory files ---------------------------------------------------------------------
 
 
 def test_llamafactory_mllm_demo(tmp_path):
     s = pack(MLLM_DEMO, tmp_path / "out")
-    assert (s.read, s.written, s.rejected, s.shards) == (6, 6, 0, 1)
+    assert (s.read, s.written, s.rejected, s.shards, s.paths_resolved_by_suffix) == (6, 6, 0, 1, 0)
     raw = json.loads(MLLM_DEMO.read_text())
-    got = list(wds.WebDataset(shard_paths(tmp_path / "out"), shardshuffle=False, empty_check=False))
+    got = _read(tmp_path / "out")
     assert [g["__key__"] for g in got] == [f"mllm_demo-{i:08d}" for i in range(6)]
     images = [(g, k) for g in got for k in g if k.endswith(".jpg")]
     assert len(images) == 8
@@ -304,3 +305,100 @@ def test_llamafactory_mllm_demo(tmp_path):
         assert len(meta["images"]) == len(r["images"]) and all(im["width"] > 0 for im in meta["images"])
         assert [m["role"] for m in meta["messages"]] == [m["role"] for m in r["messages"]]
     assert json.loads(got[0]["json"])["messages"][2]["content"] == [{"type": "text", "text": "What are they doing?"}, {"type": "image"}]
+    assert json.loads(got[0]["json"])["images"] == [{"width": 300, "height": 168}] * 2
+
+
+def test_llamafactory_v1_content_lists_with_repo_root_paths(tmp_path):
+    """No flags, no edits: `data/mllm_demo_data/1.jpg` is found by dropping `data/` (counted and reported)."""
+    s = pack(V1_DEMO, tmp_path / "v1", workers=2)
+    # Upstream's v1 file is the six conversations four times over: 24 records, 32 image references.
+    assert (s.read, s.written, s.rejected, s.shards, s.paths_resolved_by_suffix) == (24, 24, 0, 1, 32)
+    assert "32 image path(s) resolved by suffix" in format_summary(s)
+    m = read_manifest(tmp_path / "v1")
+    assert m["paths_resolved_by_suffix"] == m["sources"][0]["paths_resolved_by_suffix"] == 32
+    assert m["sources"][0]["format"] == "openai"
+    got = _read(tmp_path / "v1")
+    assert sum(k.endswith(".jpg") for g in got for k in g) == 32
+    pack(MLLM_DEMO, tmp_path / "sharegpt")
+    demo = _read(tmp_path / "sharegpt")
+    for i, g in enumerate(got):  # the same samples as the ShareGPT file, image bytes and messages alike
+        same = demo[i % 6]
+        assert {k: v for k, v in g.items() if k.endswith(".jpg")} == {k: v for k, v in same.items() if k.endswith(".jpg")}
+        assert json.loads(g["json"])["messages"] == json.loads(same["json"])["messages"]
+
+
+# --- token limit --------------------------------------------------------------------------------------
+
+
+def test_max_tokens_counts_what_the_collator_encodes(tmp_path, tiny_model_dir):
+    from transformers import AutoProcessor
+
+    from vlora.data.collate import Collator
+
+    _png(tmp_path / "wide.png", size=(300, 90))
+    _png(tmp_path / "tall.png", size=(50, 200))
+    src = _jsonl(tmp_path / "oa.jsonl", [{"id": "s", "system": "Look closely.", "messages": [
+        {"role": "user", "content": [{"type": "image", "image": "wide.png"}, {"type": "text", "text": "What colour is the circle?"},
+                                     {"type": "image", "image": "tall.png", "max_pixels": 28 * 28 * 6},
+                                     {"type": "image", "image": "wide.png", "resized_height": 60, "resized_width": 100}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The circle is red."}]},
+        {"role": "user", "content": "And <image>?"}, {"role": "assistant", "content": "Blue."}], "images": ["tall.png"]}])
+    limits = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 16}
+    pack(src, tmp_path / "all")
+    (sample,) = _read(tmp_path / "all")
+    meta = json.loads(sample["json"])
+    collator = Collator(AutoProcessor.from_pretrained(tiny_model_dir), max_length=10**6, **limits)
+    n = collator.encode(sample)["input_ids"].numel()
+    counter = TokenCounter(str(tiny_model_dir), **limits)
+    assert counter.count(meta["messages"], meta["images"]) == n
+    assert [counter.image_tokens(e, im["width"], im["height"]) for e, im in zip(
+        [p for m in meta["messages"] for p in m["content"] if p["type"] == "image"], meta["images"])] == [2 * 7, 4 * 1, 2 * 4, 7 * 2]
+    s = pack(src, tmp_path / "fits", max_tokens=n, model=tiny_model_dir, **limits)
+    assert (s.written, s.rejected) == (1, 0)
+    assert read_manifest(tmp_path / "fits")["checks"] == {"max_image_pixels": 89_478_485, "max_aspect_ratio": 200, "max_tokens": n,
+                                                          "model": str(tiny_model_dir), **limits}
+    assert TokenCounter(str(tiny_model_dir), **limits).factor == pack_mod.QWEN_FACTOR
+    s = pack(src, tmp_path / "over", max_tokens=n - 1, model=tiny_model_dir, workers=2, **limits)
+    assert (s.written, s.rejected, s.rejects_by_reason) == (0, 1, {"too_many_tokens": 1})
+    assert _rejects(tmp_path / "over")[0]["detail"].startswith(f"{n} tokens (images at min_pixels 3136, max_pixels 12544) > --max-tokens {n - 1}")
+    with pytest.raises(VloraError, match="--max-tokens needs --model"):
+        pack(src, tmp_path / "x", max_tokens=10)
+    # 50x200 under max_pixels 1568 resizes to zero width: the collator would crash on it mid-training.
+    thin = _jsonl(tmp_path / "thin.jsonl", [{"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "tall.png", "max_pixels": 28 * 28 * 2}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "x"}]}]}])
+    pack(thin, tmp_path / "thin")  # a check of its own, not only with --max-tokens
+    assert [(r["reason"], r["detail"]) for r in _rejects(tmp_path / "thin")] == [
+        ("bad_aspect_ratio", "a 50x200 image resizes to 0x56 under max_pixels 1568; raise max_pixels or crop it")]
+    # The same for the run's limits: 6x600 fits 200704 pixels (the default) but not 12544.
+    _png(tmp_path / "narrow.png", size=(6, 600))
+    narrow = _jsonl(tmp_path / "narrow.jsonl", [_qa(images=["narrow.png"])])
+    assert pack(narrow, tmp_path / "n1").written == 1
+    assert pack(narrow, tmp_path / "n2", **limits).rejects_by_reason == {"bad_aspect_ratio": 1}
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+
+def _vlora(*args):
+    return subprocess.run([sys.executable, "-m", "vlora.cli", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_max_reject_sets_the_exit_status_and_names_the_first_rejects(tmp_path):
+    _png(tmp_path / "a.png")
+    src = _jsonl(tmp_path / "d.jsonl", [_qa(id="ok"), _qa(images=["gone.png"]), "{", _qa(a=""), _qa(q="?"), _qa(id="ok2")])
+    proc = _vlora("pack", "--src", src, "--out", tmp_path / "out", "--workers", 2)
+    assert proc.returncode == 1
+    assert "read 6, wrote 2 in 1 shard(s), rejected 4 (empty_answer 1, image_count_mismatch 1, image_missing 1, invalid_json 1;" in proc.stdout
+    lines = proc.stderr.splitlines()
+    assert all(line.startswith("vlora: error: ") for line in lines) and len(lines) == 4
+    assert lines[0] == (f"vlora: error: rejected 4 of 6 records (66.7%), more than --max-reject 0; the shards are written, "
+                        f"every reject is in {tmp_path / 'out' / 'rejects.jsonl'}")
+    assert lines[1] == f"vlora: error: d.jsonl:2 image_missing image 0 not found: {tmp_path / 'gone.png'}"
+    assert lines[2].startswith("vlora: error: d.jsonl:3 invalid_json line 3: ")
+    assert lines[3] == "vlora: error: d.jsonl:4 empty_answer assistant message 1 is empty; fill it in or drop the turn"
+    assert len(_read(tmp_path / "out")) == 2  # written anyway, for inspection
+    proc = _vlora("pack", "--src", src, "--out", tmp_path / "out", "--max-reject", 0.7, "--format", "sharegpt")
+    assert proc.returncode == 0 and proc.stderr == ""
+    proc = _vlora("pack", "--src", src, "--out", tmp_path / "out", "--max-tokens", 100)
+    assert proc.returncode == 2 and proc.stderr.startswith("vlora: error: --max-tokens needs --model")

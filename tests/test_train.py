@@ -71,7 +71,8 @@ def test_torchrun_two_ranks_4bit_accumulation(tiny_model_dir, demo_shards, tmp_p
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "adapter" / "adapter_config.json").is_file()
     assert (run / "latest").read_text().strip() == f"step_{steps:08d}"
-    assert {p.name for p in (run / f"step_{steps:08d}").iterdir()} == {"adapter", "optimizer.pt", "train_state.json"}
+    assert {p.name for p in (run / f"step_{steps:08d}").iterdir()} == {
+        "adapter", "optimizer.pt", "train_state.json", "rank00000.json", "rank00001.json"}
     assert f"held-out loss: {val[0]:.4f} at step 0 -> {val[steps]:.4f} at step {steps}" in proc.stdout
 
 
@@ -139,3 +140,59 @@ def test_model_folder_that_is_not_a_model(tiny_model_dir, demo_shards, tmp_path)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("vlora: error:")]
     assert len(errors) == 1 and f"cannot load model.path '{empty}' (folder)" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def torchrun(overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py",
+           *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_resume_continues_the_data_stream_exactly(tiny_model_dir, demo_shards, tmp_path):
+    """2 ranks x 2 workers: the keys consumed in 6 steps == those of 3 steps + resume + 3 steps, per rank, in order.
+
+    3 micro-batches per step make 9 batches per rank at the break: an odd count, so the resumed loader must
+    continue the workers' round-robin from worker 1, not from worker 0.
+    """
+    common = {"optim.global_batch": 6, "optim.micro_batch": 1, "data.num_workers": 2, "run.trace_keys": "true",
+              "data.val": ""}
+    torchrun(run_overrides(tiny_model_dir, demo_shards, tmp_path, **common, **{"run.name": "full", "optim.max_steps": 6}))
+    torchrun(run_overrides(tiny_model_dir, demo_shards, tmp_path, **common, **{"run.name": "cut", "optim.max_steps": 3}))
+    proc = torchrun(run_overrides(tiny_model_dir, demo_shards, tmp_path, **common, **{
+        "run.name": "cut", "optim.max_steps": 6, "run.resume": "auto"}))
+    assert "resumed from" in proc.stderr and "at step 3" in proc.stderr
+
+    for rank in (0, 1):
+        full = read_jsonl(tmp_path / "full" / "keys" / f"rank{rank}.jsonl")
+        cut = read_jsonl(tmp_path / "cut" / "keys" / f"rank{rank}.jsonl")
+        assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]
+        assert cut == full
+        assert all(len(r["keys"]) == 3 for r in full)
+    both = [k for rank in (0, 1) for r in read_jsonl(tmp_path / "full" / "keys" / f"rank{rank}.jsonl") for k in r["keys"]]
+    assert len(both) == len(set(both)) == 36  # no sample twice within the first pass
+
+
+PEERS = REPO.parent / "shared" / "peers" / "llamafactory_mllm_demo"
+
+
+@pytest.mark.skipif(not PEERS.is_dir(), reason="../shared/peers is not beside this checkout")
+@pytest.mark.parametrize("annotations, records", [("mllm_demo.json", 6), ("v1_multimodal_demo.jsonl", 24)])
+def test_llamafactory_demo_files_pack_and_train(tiny_model_dir, tmp_path, monkeypatch, annotations, records):
+    """LLaMA-Factory's own demo files, unedited: every record packs, and a few steps train on them."""
+    from vlora.data.pack import pack
+
+    shards = tmp_path / "shards"
+    summary = pack(PEERS / annotations, shards / "train", shard_size=2)
+    assert (summary.read, summary.written, summary.rejected, summary.shards) == (records, records, 0, records // 2)
+    result = train_in_process(monkeypatch, tiny_model_dir, shards, tmp_path, **{
+        "data.val": "", "optim.max_steps": 3, "optim.global_batch": 2, "optim.micro_batch": 2,
+        "run.trace_keys": "true", "data.max_length": 4096})
+    keys = [k for r in read_jsonl(tmp_path / "t" / "keys" / "rank0.jsonl") for k in r["keys"]]
+    assert len(keys) == len(set(keys)) == 6  # 3 steps x 2 samples, none twice
+    assert result["skipped_samples"] == 0
+    assert (result["adapter_dir"] / "adapter_model.safetensors").is_file()
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "t" / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)

@@ -1,11 +1,13 @@
 """`vlora` command line: tiny-model | demo-data | pack | train.
 
-Each subcommand is a thin wrapper; bad input ends in one line `vlora: error: ...` and exit status 2.
+Each subcommand is a thin wrapper; bad input ends in one line `vlora: error: ...` and exit status 2
+(`pack` exits 1, naming its first rejects, when more records were rejected than `--max-reject` allows).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,11 +31,21 @@ def cmd_demo_data(args) -> int:
 
 
 def cmd_pack(args) -> int:
-    from vlora.data.pack import format_summary, pack
+    from vlora.data.pack import format_summary, pack, reject_report
 
-    summary = pack(args.src, args.out, image_root=args.image_root, shard_size=args.shard_size)
+    if not 0 <= args.max_reject <= 1:
+        raise VloraError(f"--max-reject is a fraction of the records read, between 0 and 1; got {args.max_reject}")
+    if args.max_tokens is None and args.model is not None:
+        raise VloraError("--model is only used with --max-tokens; add --max-tokens T or drop --model")
+    limit = {} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels}
+    summary = pack(args.src, args.out, fmt=args.format, image_root=args.image_root, shard_size=args.shard_size,
+                   workers=args.workers, max_tokens=args.max_tokens, model=args.model, min_pixels=args.min_pixels,
+                   max_pixels=args.max_pixels, progress=sys.stderr.isatty(), **limit)
     print(format_summary(summary))
-    return 0
+    errors = reject_report(summary, args.max_reject)
+    for line in errors:  # the shards stay written: the user inspects rejects.jsonl, then repacks or raises the limit
+        print(f"vlora: error: {line}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def cmd_train(args) -> int:
@@ -58,11 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo_data)
 
-    k = sub.add_parser("pack", help="pack an annotation file and its images into WebDataset shards")
-    k.add_argument("--src", required=True, type=Path, help="annotation file (.json or .jsonl)")
+    from vlora.config import DataArgs
+    from vlora.data.formats import FORMATS
+    k = sub.add_parser("pack", help="check annotation files and their images, and pack them into WebDataset shards")
+    k.add_argument("--src", required=True, type=Path,
+                   help="annotation file (.json or .jsonl), or a folder: every *.json / *.jsonl in it, recursively")
     k.add_argument("--out", required=True, type=Path, help="shard folder to write (e.g. shards/NAME/train)")
-    k.add_argument("--image-root", type=Path, default=None, help="resolve image paths here, not beside --src")
+    k.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="annotation format (default: detected per file)")
+    k.add_argument("--image-root", type=Path, default=None, help="resolve relative image paths here first, then beside the file")
     k.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    k.add_argument("--max-reject", type=float, default=0.0,
+                   help="fraction of records that may be rejected before the exit status is 1 (shards are written anyway)")
+    k.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-checking processes (output is the same for any number)")
+    k.add_argument("--max-image-pixels", type=int, default=None, help="reject larger images (default: PIL's decompression-bomb limit, 89478485)")
+    k.add_argument("--max-tokens", type=int, default=None, help="reject samples longer than this in training (needs --model)")
+    k.add_argument("--model", type=Path, default=None, help="Qwen2.5-VL folder whose processor counts the tokens")
+    k.add_argument("--min-pixels", type=int, default=DataArgs.min_pixels, help="the run's data.min_pixels, for --max-tokens")
+    k.add_argument("--max-pixels", type=int, default=DataArgs.max_pixels, help="the run's data.max_pixels, for --max-tokens")
     k.set_defaults(func=cmd_pack)
 
     r = sub.add_parser("train", help="train in this process (use torchrun train.py for several)")

@@ -42,14 +42,16 @@ class LoraArgs:
 
 @dataclass
 class DataArgs:
-    train: str = "shards/demo/train"  # folder with manifest.json + *.tar shards (written by `vlora pack`)
+    # Shard folders (manifest.json + *.tar, written by `vlora pack`), mixed by weight: "dir" or "dir:2,dir2:1".
+    train: str = "shards/demo/train"
     val: str = "shards/demo/val"  # held-out shards; empty string = no evaluation
     min_pixels: int = 28 * 28 * 4  # images are resized so that h*w lies in [min_pixels, max_pixels]
     max_pixels: int = 28 * 28 * 256
     max_length: int = 2048  # tokens per sample, image tokens included; longer samples are skipped, counted
-    shuffle_buffer: int = 256  # samples held for shuffling within a worker
+    open_shards: int = 4  # shards each data reader interleaves at random (the in-epoch shuffle)
     num_workers: int = 2  # data-loader processes per rank
     val_samples: int = 256  # at most this many held-out samples per evaluation
+    pack_length: int = 0  # >0: pack several samples into rows of this many tokens (attention kept per sample)
     train_on: str = "assistant"  # assistant (loss on replies only) | all (user turns' text too; never images)
 
 
@@ -79,6 +81,8 @@ class RunArgs:
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     keep_last: int = 2  # checkpoints kept
     overwrite: bool = False  # start afresh in a run folder that already holds a run (its contents are deleted)
+    resume: str = ""  # "" = a new run | auto = continue from the run's latest checkpoint if any | a checkpoint folder
+    trace_keys: bool = False  # write the sample keys each rank consumes per step (data-order checks)
     log_every: int = 1  # optimizer steps between log lines
     progress: bool = True  # tqdm bar on rank 0
     wandb: bool = False  # also log to wandb (offline unless WANDB_MODE says otherwise)
@@ -214,6 +218,7 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
         "optim.micro_batch": cfg.optim.micro_batch, "data.max_length": cfg.data.max_length,
         "data.min_pixels": cfg.data.min_pixels, "run.log_every": cfg.run.log_every,
         "run.keep_last": cfg.run.keep_last, "run.dist_timeout_s": cfg.run.dist_timeout_s,
+        "data.open_shards": cfg.data.open_shards,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -221,7 +226,7 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
     non_negative = {
         "optim.warmup_steps": cfg.optim.warmup_steps, "optim.grad_clip": cfg.optim.grad_clip,
         "optim.weight_decay": cfg.optim.weight_decay, "data.num_workers": cfg.data.num_workers,
-        "data.shuffle_buffer": cfg.data.shuffle_buffer, "lora.dropout": cfg.lora.dropout,
+        "data.pack_length": cfg.data.pack_length, "lora.dropout": cfg.lora.dropout,
         "run.eval_every": cfg.run.eval_every, "run.save_every": cfg.run.save_every,
     }
     for key, value in non_negative.items():
@@ -247,20 +252,20 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
     if not Path(model_path).exists() and not looks_like_hub_id(model_path):
         raise VloraError(f"model.path '{model_path}' does not exist (a local folder or an owner/name hub id)")
     from vlora.data.manifest import read_manifest
-    from vlora.data.stream import check_enough_shards
+    from vlora.data.stream import check_sources
 
-    for key in ("data.train", "data.val"):
-        folder = getattr(cfg.data, key.split(".")[1])
-        if key == "data.val" and not folder:
-            continue
-        if not Path(folder).is_dir():
-            raise VloraError(f"{key} shard folder '{folder}' does not exist; run `make shards` or `vlora pack`")
-        manifest = read_manifest(folder)  # names a missing or damaged shard now, not in a data worker later
-        if key == "data.train":
-            check_enough_shards(folder, len(manifest["shards"]), world_size, cfg.data.num_workers)
+    # Manifests are read now, so a missing or damaged shard is named here, not in a data worker later.
+    check_sources(cfg.data.train, world_size, cfg.data.num_workers)  # "dir:weight,..." parsed, each folder checked
+    if cfg.data.val:
+        if not Path(cfg.data.val).is_dir():
+            raise VloraError(f"data.val shard folder '{cfg.data.val}' does not exist; run `make shards` or `vlora pack`")
+        read_manifest(cfg.data.val)
     run_dir = cfg.run_dir
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.run.overwrite:
-        raise VloraError(f"run folder {run_dir} already holds a run; choose another run.name, or set run.overwrite=true")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (cfg.run.overwrite or cfg.run.resume):
+        raise VloraError(f"run folder {run_dir} already holds a run; set run.resume=auto to continue it, "
+                         "run.overwrite=true to start afresh, or choose another run.name")
+    if cfg.run.overwrite and cfg.run.resume:
+        raise VloraError("run.overwrite=true would delete the checkpoint that run.resume asks for; set only one")
     return Plan(grad_accum=cfg.optim.global_batch // per_pass)
 
 

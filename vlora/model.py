@@ -145,9 +145,11 @@ class SupervisedLoss(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hf = self.peft_model.get_base_model()
+        # A packed batch has no attention_mask and 4-row position_ids (text positions first): transformers then
+        # keeps attention within each packed sample, but only without a cache, hence use_cache=False.
         hidden = hf.model(
             input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+            attention_mask=batch.get("attention_mask"),
             position_ids=batch["position_ids"],
             pixel_values=batch.get("pixel_values"),
             image_grid_thw=batch.get("image_grid_thw"),
@@ -179,7 +181,7 @@ def full_logits(peft_model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     """Logits at every position, through the model's own forward: what a user of the saved adapter would get."""
     out = peft_model(
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        attention_mask=batch.get("attention_mask"),  # None for a packed batch (see SupervisedLoss)
         position_ids=batch.get("position_ids"),
         pixel_values=batch.get("pixel_values"),
         image_grid_thw=batch.get("image_grid_thw"),

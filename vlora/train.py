@@ -48,6 +48,30 @@ def evaluate(loss_fn, batches: list[dict], world: World, precision) -> float:
     return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
 
 
+class Trace:
+    """Per-rank files for replica and data-order checks (`run.param_digest`, `run.trace_keys`); off by default."""
+
+    def __init__(self, run_dir, rank: int, *, digests: bool, keys: bool):
+        self.files = {}
+        for name, on in (("digests", digests), ("keys", keys)):
+            if on:
+                (run_dir / name).mkdir(exist_ok=True)
+                self.files[name] = open(run_dir / name / f"rank{rank}.jsonl", "a")
+
+    def write(self, name: str, record: dict) -> None:
+        if name in self.files:
+            self.files[name].write(json.dumps(record) + "\n")
+            self.files[name].flush()
+
+    @property
+    def digests(self) -> bool:
+        return "digests" in self.files
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
 def param_digest(params: list[torch.Tensor]) -> str:
     """A hash of the trainable weights' bytes: equal on every rank iff the replicas are bit-identical."""
     h = hashlib.sha256()
@@ -60,9 +84,9 @@ def train(cfg: Config, plan: Plan) -> dict:
     """Train under the current process group (or alone) and return what tests and the demo report."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from vlora.checkpoint import save_checkpoint
+    from vlora.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
     from vlora.data.collate import Collator
-    from vlora.data.stream import heldout_batches, train_loader
+    from vlora.data.stream import heldout_batches, parse_sources, train_loader
     from vlora.model import SupervisedLoss, build_model, load_processor, save_adapter
     from vlora.optim import build_optimizer, lr_at, resolve_compute_dtype, resolve_precision, set_lr
 
@@ -78,6 +102,7 @@ def train(cfg: Config, plan: Plan) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     barrier()
+    resume_from = resolve_resume(run_dir, cfg.run.resume)
     log.info("world %d | device %s | precision %s | 4-bit %s | grad_accum %d | global batch %d",
              world.size, world.device, precision.name, cfg.model.quant, plan.grad_accum, cfg.optim.global_batch)
 
@@ -101,49 +126,62 @@ def train(cfg: Config, plan: Plan) -> dict:
     optimizer = build_optimizer(params, cfg.optim, world.device)
     scaler = precision.grad_scaler()
 
+    # ---- resume: adapter, optimizer, step and this rank's data position ----
+    start_step, skipped_before, data_state = 0, 0, None
+    if resume_from is not None:
+        train_state, rank_state = load_checkpoint(resume_from, world=world, peft_model=peft_model, optimizer=optimizer)
+        start_step, skipped_before, data_state = train_state["step"], train_state["skipped_samples"], rank_state["data"]
+        log.info("resumed from %s at step %d", resume_from, start_step)
+
     # ---- data ----
     collator = Collator(processor, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                        max_length=cfg.data.max_length, train_on=cfg.data.train_on, pixel_dtype=compute_dtype)
-    batches = train_loader(cfg.data.train, rank=world.rank, world_size=world.size, num_workers=cfg.data.num_workers,
-                           seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                           micro_batch=cfg.optim.micro_batch, encode=collator.encode, collate=collator.collate)
+                        max_length=cfg.data.max_length, train_on=cfg.data.train_on, pixel_dtype=compute_dtype,
+                        pack_length=cfg.data.pack_length)
+    batches = train_loader(parse_sources(cfg.data.train), rank=world.rank, world_size=world.size,
+                           num_workers=cfg.data.num_workers, seed=cfg.run.seed, micro_batch=cfg.optim.micro_batch,
+                           encode=collator.encode, collate=collator.collate, state=data_state,
+                           open_shards=cfg.data.open_shards)
     heldout = heldout_batches(cfg.data.val, rank=world.rank, world_size=world.size, max_samples=cfg.data.val_samples,
                               micro_batch=cfg.optim.micro_batch, encode=collator.encode,
                               collate=collator.collate) if cfg.data.val else []
 
     metrics = Metrics(run_dir, enabled=world.is_main, total_steps=cfg.optim.max_steps, progress=cfg.run.progress,
                       wandb_config=to_dict(cfg) if cfg.run.wandb else None)
-    digest_file = None
-    if cfg.run.param_digest:
-        (run_dir / "digests").mkdir(exist_ok=True)
-        digest_file = open(run_dir / "digests" / f"rank{world.rank}.jsonl", "w")
+    trace = Trace(run_dir, world.rank, digests=cfg.run.param_digest, keys=cfg.run.trace_keys)
 
     # Decided by the config, not by this rank's share: every rank must join evaluate()'s all-reduce,
     # also a rank whose share of the held-out set is empty.
     evaluating = bool(cfg.data.val)
     val_losses = {}
-    if evaluating:
+    if evaluating and start_step == 0:
         val_losses[0] = evaluate(loss_fn, heldout, world, precision)
         metrics.write({"step": 0, "val_loss": val_losses[0]})
         metrics.info(f"step     0 | held-out loss {val_losses[0]:.4f}")
 
+    skipped = torch.full((), skipped_before, dtype=torch.float64, device=world.device)  # all ranks' too-long samples
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir, step, world=world, peft_model=peft_model, optimizer=optimizer,
+                        train_state={"skipped_samples": int(skipped)}, rank_state={"data": batches.state_dict()},
+                        keep_last=cfg.run.keep_last)
+
     # ---- the loop ----
     loss_fn.train()  # from_pretrained returns eval mode: LoRA dropout and gradient checkpointing need train mode
-    skipped = torch.zeros((), dtype=torch.float64, device=world.device)  # all ranks' too-long samples
     # Sums since the last log line; reading them (.item()) syncs with the device, so only on log steps.
     window_loss = torch.zeros((), dtype=torch.float64, device=world.device)
     window_counts = torch.zeros(2, dtype=torch.float64, device=world.device)  # supervised tokens, all tokens
     window_steps = 0
     window_start = time.perf_counter()
-    for step in range(cfg.optim.max_steps):
+    for step in range(start_step, cfg.optim.max_steps):
         lr = lr_at(step, cfg.optim)
         set_lr(optimizer, lr)
         micro_batches = [next(batches) for _ in range(plan.grad_accum)]
+        trace.write("keys", {"step": step + 1, "keys": [k for b in micro_batches for k in b["keys"]]})
 
         # The step's global counts, known before any forward: the loss divisor, the throughput numerator and
         # the samples skipped (too long) on every rank, in one all-reduce.
         counts = torch.tensor([sum(b["loss_index"].numel() for b in micro_batches),
-                               sum(int(b["attention_mask"].sum()) for b in micro_batches),
+                               sum(b["n_tokens"] for b in micro_batches),
                                sum(b.pop("skipped") for b in micro_batches)],
                               dtype=torch.float64, device=world.device)
         all_reduce_sum(counts)
@@ -176,9 +214,8 @@ def train(cfg: Config, plan: Plan) -> dict:
         window_counts += counts[:2]
         skipped += counts[2]
         metrics.tick()
-        if digest_file:
-            digest_file.write(json.dumps({"step": done, "digest": param_digest(params)}) + "\n")
-            digest_file.flush()
+        if trace.digests:
+            trace.write("digests", {"step": done, "digest": param_digest(params)})
 
         if done % cfg.run.log_every == 0 or done == cfg.optim.max_steps:
             all_reduce_sum(window_loss)
@@ -199,28 +236,27 @@ def train(cfg: Config, plan: Plan) -> dict:
             val_losses[done] = evaluate(loss_fn, heldout, world, precision)
             metrics.write({"step": done, "val_loss": val_losses[done]})
             metrics.info(f"step {done:>5} | held-out loss {val_losses[done]:.4f}")
-        if cfg.run.save_every and done % cfg.run.save_every == 0 and done != cfg.optim.max_steps and world.is_main:
-            save_checkpoint(run_dir, done, peft_model, optimizer, {"skipped_samples": int(skipped)}, cfg.run.keep_last)
+        if cfg.run.save_every and done % cfg.run.save_every == 0 and done != cfg.optim.max_steps:
+            checkpoint(done)
 
     # ---- the end: evaluate, save, report ----
+    last_step = cfg.optim.max_steps
     if evaluating:
-        val_losses[cfg.optim.max_steps] = evaluate(loss_fn, heldout, world, precision)
-        metrics.write({"step": cfg.optim.max_steps, "val_loss": val_losses[cfg.optim.max_steps]})
+        val_losses[last_step] = evaluate(loss_fn, heldout, world, precision)
+        metrics.write({"step": last_step, "val_loss": val_losses[last_step]})
+    checkpoint(last_step)
     adapter_dir = run_dir / "adapter"
     if world.is_main:
-        save_checkpoint(run_dir, cfg.optim.max_steps, peft_model, optimizer, {"skipped_samples": int(skipped)},
-                        cfg.run.keep_last)
         save_adapter(peft_model, adapter_dir)
         processor.save_pretrained(str(adapter_dir))  # the adapter folder is self-contained for inference
     barrier()
     metrics.close()
-    if digest_file:
-        digest_file.close()
+    trace.close()
     result = {"val_losses": val_losses, "adapter_dir": adapter_dir, "skipped_samples": int(skipped),
               "peft_model": peft_model, "collator": collator, "world": world}
-    if world.is_main and evaluating:
-        first, last = val_losses[0], val_losses[cfg.optim.max_steps]
-        print(f"held-out loss: {first:.4f} at step 0 -> {last:.4f} at step {cfg.optim.max_steps}", flush=True)
+    if world.is_main and 0 in val_losses:
+        print(f"held-out loss: {val_losses[0]:.4f} at step 0 -> {val_losses[last_step]:.4f} at step {last_step}",
+              flush=True)
     if world.is_main:
         print(f"adapter saved to {adapter_dir}", flush=True)
     return result

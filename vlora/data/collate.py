@@ -1,4 +1,5 @@
-"""Shard samples -> model batches: images resized once, chat template, processor, labels, 3-D RoPE positions, padding.
+"""Shard samples -> model batches: images resized once, chat template, processor, labels, 3-D RoPE positions, padding
+(or packing several samples per row).
 
 Runs inside the data-loader workers, so everything per-sample (image decoding and resizing, tokenization,
 label masks, the multimodal RoPE positions that the model would otherwise compute with a Python loop on the
@@ -67,13 +68,30 @@ def mrope_positions(token_types: torch.Tensor, image_grid_thw: torch.Tensor | No
     return pos
 
 
+def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sample indices per row: each sample, in order, joins the first row with room for it, else opens a new row.
+    A sample longer than `capacity` opens a row of its own that nothing else joins."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths):
+        r = next((r for r, free in enumerate(room) if n <= free), None)
+        if r is None:
+            rows.append([i])
+            room.append(capacity - n)
+        else:
+            rows[r].append(i)
+            room[r] -= n
+    return rows
+
+
 class Collator:
-    """Encodes single samples (`encode`) and pads a list of them into a batch (`collate`)."""
+    """Encodes single samples (`encode`) and pads (or, with `pack_length`, packs) a list of them into a batch."""
 
     def __init__(self, processor, *, min_pixels: int, max_pixels: int, max_length: int, train_on: str = "assistant",
-                 pixel_dtype: torch.dtype = torch.float32):
+                 pixel_dtype: torch.dtype = torch.float32, pack_length: int = 0):
         self.processor = processor
         self.pixel_dtype = pixel_dtype  # the vision tower's dtype: cast here, in the worker, not after the copy
+        self.pack_length = pack_length  # 0: one sample per row, padded to the longest
         self.tok = processor.tokenizer
         self.min_pixels, self.max_pixels, self.max_length = min_pixels, max_pixels, max_length
         self.train_on = train_on
@@ -147,7 +165,9 @@ class Collator:
         return out
 
     def collate(self, items: list[dict]) -> dict:
-        """Pad to the longest sample in the batch (right padding; pads are masked and carry no loss)."""
+        """Pad to the longest sample in the batch (right padding; pads are masked and carry no loss), or pack."""
+        if self.pack_length > 0:
+            return self.collate_packed(items)
         n, length = len(items), max(x["input_ids"].numel() for x in items)
         batch = {
             "input_ids": torch.full((n, length), self.pad_id, dtype=torch.long),
@@ -161,7 +181,48 @@ class Collator:
             batch["attention_mask"][row, :k] = 1
             batch["labels"][row, :k] = x["labels"]
             batch["position_ids"][:, row, :k] = x["position_ids"]
-        with_images = [x for x in items if "pixel_values" in x]
+        return self.finish(batch, items, row_major=items)
+
+    def collate_packed(self, items: list[dict]) -> dict:
+        """Pack samples first-fit into rows of at most `pack_length` tokens, padded to the longest row.
+
+        `position_ids` is (4, rows, L): row 0 holds text positions restarting at 0 for every sample, rows 1-3 each
+        sample's own 3-D RoPE positions. There is no `attention_mask`: with it absent (and no cache), transformers
+        splits each row into sequences wherever the text position does not step by +1 and masks attention
+        causally within each sequence only, for sdpa and eager alike. `spans[i]` = (row, start, length) of `keys[i]`.
+        """
+        lengths = [x["input_ids"].numel() for x in items]
+        rows = first_fit(lengths, self.pack_length)
+        n, length = len(rows), max(sum(lengths[i] for i in row) for row in rows)
+        batch = {
+            "input_ids": torch.full((n, length), self.pad_id, dtype=torch.long),
+            "labels": torch.full((n, length), IGNORE, dtype=torch.long),
+            "position_ids": torch.zeros((4, n, length), dtype=torch.long),
+        }
+        spans: list[tuple[int, int, int]] = [(0, 0, 0)] * len(items)
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                x, end = items[i], start + lengths[i]
+                batch["input_ids"][r, start:end] = x["input_ids"]
+                batch["labels"][r, start:end] = x["labels"]
+                # The previous sample's last position would predict this token: never a target (it is a system or
+                # user token anyway, but a sample's first token has nothing of its own before it).
+                batch["labels"][r, start] = IGNORE
+                batch["position_ids"][0, r, start:end] = torch.arange(lengths[i])
+                batch["position_ids"][1:, r, start:end] = x["position_ids"]
+                spans[i] = (r, start, lengths[i])
+                start = end
+            # The row's padding restarts at 0 as well: a sequence of its own, which no real token attends to.
+            batch["position_ids"][:, r, start:] = torch.arange(length - start)
+        batch["spans"] = spans
+        # The model scatters image features into the <|image_pad|> tokens in row-major order: images follow it.
+        return self.finish(batch, items, row_major=[items[i] for row in rows for i in row])
+
+    @staticmethod
+    def finish(batch: dict, items: list[dict], row_major: list[dict]) -> dict:
+        """Images in row-major order, loss positions, and the per-batch counts (keys in the items' order)."""
+        with_images = [x for x in row_major if "pixel_values" in x]
         if with_images:
             batch["pixel_values"] = torch.cat([x["pixel_values"] for x in with_images])
             batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in with_images])
@@ -171,4 +232,6 @@ class Collator:
         batch["loss_index"] = (targets != IGNORE).nonzero().squeeze(1)
         batch["loss_targets"] = targets[batch["loss_index"]]
         batch["keys"] = [x["key"] for x in items]
+        batch["n_samples"] = len(items)
+        batch["n_tokens"] = sum(x["input_ids"].numel() for x in items)  # real (non-pad) tokens, for throughput
         return batch

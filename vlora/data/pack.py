@@ -1,35 +1,56 @@
-"""Annotation file -> validated WebDataset shards + manifest.json + rejects.jsonl.
+"""Annotation files -> validated WebDataset shards + manifest.json + rejects.jsonl.
 
-Packing is where bad data is caught, once, with the record named: a missing or unreadable image,
-`<image>` tags that disagree with the image list (the "image features and image tokens do not match"
-crash other tools hit mid-training), a sample with nothing to learn from. Bad records go to
-rejects.jsonl with a short reason code; the rest go to tar shards, one sample per key:
+Packing is where bad data is caught, once, with the record named, so that training never meets it in a data
+worker. Every record read is either written or rejected (read == written + rejected, always); a reject is a
+line of rejects.jsonl with its file, record index (and line, for JSON Lines), a reason code and a detail:
 
-    KEY.json    {"messages": canonical messages, "source": {"file", "index"}, "images": [{"width", "height"}]}
+    invalid_json, invalid_utf8, bad_record    the line or record cannot be read as a sample
+    image_count_mismatch                      placeholders and the image list disagree
+    no_assistant, empty_answer                nothing to learn from
+    remote_image                              an http(s) URL: packing never downloads (data: URIs are decoded)
+    image_missing, image_unreadable           not there, or not fully decodable (truncated files included)
+    image_too_large                           over --max-image-pixels (PIL's decompression-bomb limit)
+    bad_aspect_ratio                          over 200:1, which Qwen's smart_resize refuses, or so narrow that it
+                                              resizes to zero width under max_pixels (--max-pixels or per image)
+    too_many_tokens                           over --max-tokens at the run's pixel limits (optional check)
+    duplicate_key                             two records would share a shard key
+
+Written samples, one per key:
+
+    KEY.json    {"messages": canonical messages, "source": {"file", "index"[, "line"]}, "images": [{"width", "height"}]}
     KEY.0.png   the original image bytes, never re-encoded (KEY.1.jpg, ... for more images)
 
-The same input gives byte-identical shards (fixed mtime/owner, sorted JSON), so shard hashes in the
-manifest identify the data. Everything is written to a temporary sibling folder that replaces `out`
-only when complete: a crash never leaves a folder that looks like a finished shard set.
+The same inputs and flags give byte-identical shards and manifest (fixed tar metadata, sorted JSON, results
+taken in record order whatever the number of workers), so shard hashes in the manifest identify the data.
+Everything is written to a temporary sibling folder that replaces `out` only when complete: a crash never
+leaves a folder that looks like a finished shard set.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import io
+import itertools
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import time
+import warnings
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from PIL import Image
 from webdataset import TarWriter
 
-from vlora.data.formats import RecordError, read_annotations
+from vlora.data.formats import BOM, Record, RecordError, Source, read_annotations
 from vlora.data.manifest import FORMAT, MANIFEST, write_manifest
 from vlora.errors import VloraError
 
@@ -41,6 +62,12 @@ MAX_KEY = 80
 EXT_ALIASES = {"jpeg": "jpg", "tif": "tiff"}
 KNOWN_EXTS = {"jpg", "png", "webp", "gif", "bmp", "tiff"}
 PIL_EXTS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+MAX_ASPECT_RATIO = 200  # qwen_vl_utils.smart_resize's limit
+PIL_MAX_IMAGE_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS
+ANNOTATION_SUFFIXES = (".json", ".jsonl")
+# Records per worker task: large enough to amortise the inter-process round trip, small enough to balance.
+CHUNK = 64
+SHOWN_REJECTS = 3  # rejects named on the console when --max-reject is exceeded
 
 
 @dataclass
@@ -52,40 +79,61 @@ class PackSummary:
     rejected: int = 0
     shards: int = 0
     rejects_by_reason: dict = field(default_factory=dict)
+    paths_resolved_by_suffix: int = 0
+    first_rejects: list = field(default_factory=list)  # the first SHOWN_REJECTS lines of rejects.jsonl
     src: str = ""
     out: str = ""
     seconds: float = 0.0
 
 
 def format_summary(s: PackSummary) -> str:
-    """One line for the console: counts, reasons, where the rejects are, speed."""
+    """One line for the console: counts, reasons, where the rejects are, path fallbacks, speed."""
     line = f"packed {s.src} -> {s.out}: read {s.read}, wrote {s.written} in {s.shards} shard(s), rejected {s.rejected}"
     if s.rejected:
         reasons = ", ".join(f"{r} {n}" for r, n in s.rejects_by_reason.items())
         line += f" ({reasons}; see {Path(s.out) / REJECTS})"
+    if s.paths_resolved_by_suffix:
+        line += f", {s.paths_resolved_by_suffix} image path(s) resolved by suffix"
     rate = s.written / s.seconds if s.seconds > 0 else 0.0
     return line + f" in {s.seconds:.1f} s ({rate:.0f} samples/s)"
 
 
-def sample_key(raw: dict | None, stem: str, index: int) -> str:
-    """The record's "id", else f"{stem}-{index:08d}", reduced to [A-Za-z0-9_-].
+def reject_location(r: dict) -> str:
+    """file:line for JSON Lines, file[index] for a JSON array."""
+    return f"{r['source']}:{r['line']}" if r.get("line") else f"{r['source']}[{r['index']}]"
+
+
+def reject_report(s: PackSummary, max_reject: float) -> list[str]:
+    """Error lines when more than `max_reject` (a fraction) of the records were rejected, else []."""
+    if not s.rejected or s.rejected <= max_reject * s.read:
+        return []
+    head = (f"rejected {s.rejected} of {s.read} records ({s.rejected / s.read:.1%}), more than --max-reject {max_reject:g}; "
+            f"the shards are written, every reject is in {Path(s.out) / REJECTS}")
+    return [head] + [f"{reject_location(r)} {r['reason']} {r['detail']}" for r in s.first_rejects]
+
+
+def sample_key(raw: dict | None, stem: str, index: int, *, scoped: bool = False) -> str:
+    """The record's "id" (f"{stem}/{id}" when `scoped`), else f"{stem}-{index:08d}", reduced to [A-Za-z0-9_-].
 
     WebDataset splits a member name at the first dot of its base name into key and extension, so a
     dot (or slash) in a key would silently split one sample into two: they become underscores.
     """
     rid = raw.get("id") if isinstance(raw, dict) else None
-    name = str(rid) if rid not in (None, "") else f"{stem}-{index:08d}"
+    name = f"{stem}-{index:08d}" if rid in (None, "") else f"{stem}/{rid}" if scoped else str(rid)
     key = re.sub(r"[^A-Za-z0-9_-]", "_", name)
     if len(key) > MAX_KEY:  # keep long ids distinct after truncation
         key = key[: MAX_KEY - 9] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
     return key
 
 
+# --- per-sample checks (run in the worker processes) ------------------------------------------------
+
+
 def validate(sample: dict) -> None:
     """Raise RecordError for a sample that would fail or teach nothing in training (images not checked here)."""
     messages = sample["messages"]
     tags = sum(part["type"] == "image" for m in messages for part in m["content"])
-    if tags != len(sample["images"]):
+    if tags != len(sample["images"]):  # formats.py binds them one to one; a guard against a new reader's bug
         raise RecordError("image_count_mismatch", f"{tags} <image> tag(s) but {len(sample['images'])} image(s); make them match")
     if not any(m["role"] == "assistant" for m in messages):
         raise RecordError("no_assistant", "no assistant turn, nothing to learn; add an answer")
@@ -94,32 +142,194 @@ def validate(sample: dict) -> None:
             raise RecordError("empty_answer", f"assistant message {j} is empty; fill it in or drop the turn")
 
 
-MAX_ASPECT_RATIO = 200  # qwen_vl_utils.smart_resize's limit
-
-
-def read_image(path: Path, i: int) -> tuple[bytes, str, int, int]:
-    """(original bytes, extension, width, height) of image i; RecordError if missing or undecodable."""
+def _image_bytes(ref: Path | str, i: int) -> bytes:
+    """The bytes behind an image reference: a file, or a base64 data: URI (formats.py keeps those as strings)."""
+    if isinstance(ref, str):
+        header, _, payload = ref.partition(",")
+        try:
+            if not header.endswith(";base64"):
+                raise ValueError("only base64 data: URIs are supported")
+            return base64.b64decode(payload, validate=True)
+        except (ValueError, binascii.Error) as e:
+            raise RecordError("image_unreadable", f"image {i} {header[:40]}: {e}") from None
     try:
-        data = path.read_bytes()
+        return ref.read_bytes()
     except FileNotFoundError:
-        raise RecordError("image_missing", f"image {i} not found: {path}") from None
+        raise RecordError("image_missing", f"image {i} not found: {ref}") from None
     except OSError as e:
-        raise RecordError("image_unreadable", f"image {i} {path}: {e.strerror or e}") from None
+        raise RecordError("image_unreadable", f"image {i} {ref}: {e.strerror or e}") from None
+
+
+def read_image(ref: Path | str, i: int) -> tuple[bytes, str, int, int]:
+    """(original bytes, extension, width, height) of image i; RecordError if missing, undecodable or too large.
+
+    The pixel limit is PIL's Image.MAX_IMAGE_PIXELS (set by the pack run): over it PIL warns, over twice it
+    raises DecompressionBombError; both become an `image_too_large` reject, found from the header before decoding.
+    """
+    data = _image_bytes(ref, i)
+    name = ref if isinstance(ref, Path) else "(data: URI)"
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            # A full decode, not just the header: a truncated file must fail here, not in a training worker.
-            im.load()
-            (w, h), pil_format = im.size, im.format
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise RecordError("image_unreadable", f"image {i} {path}: {type(e).__name__}: {e}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                # A full decode, not just the header: a truncated file must fail here, not in a training worker.
+                im.load()
+                (w, h), pil_format = im.size, im.format
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise RecordError("image_too_large", f"image {i} {name}: {e} Raise --max-image-pixels or downscale it") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError...
+        raise RecordError("image_unreadable", f"image {i} {name}: {type(e).__name__}: {e}") from None
     if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
-        # Qwen's smart_resize refuses these; found here, the run never meets them in a data worker.
-        raise RecordError("bad_aspect_ratio", f"image {i} {path}: {w}x{h} is more than {MAX_ASPECT_RATIO}:1")
-    ext = path.suffix.lower().lstrip(".")
+        raise RecordError("bad_aspect_ratio", f"image {i} {name}: {w}x{h} is more than {MAX_ASPECT_RATIO}:1")
+    ext = ref.suffix.lower().lstrip(".") if isinstance(ref, Path) else ""
     ext = EXT_ALIASES.get(ext, ext)
     if ext not in KNOWN_EXTS:  # no or odd suffix: name it after the content so decoders pick it up
         ext = PIL_EXTS.get(pil_format, (pil_format or "img").lower())
     return data, ext, w, h
+
+
+QWEN_FACTOR = 28  # Qwen2.5-VL's patch (14) x spatial merge (2): one image token per 28 x 28 pixels
+
+
+def resized_size(entry: dict, width: int, height: int, *, min_pixels: int, max_pixels: int,
+                 factor: int = QWEN_FACTOR) -> tuple[int, int]:
+    """(height, width) that training resizes image `entry` to, as Collator.load_images + qwen_vl_utils.fetch_image do.
+
+    RecordError where that resize would fail in a data worker: a zero side (a narrow image under a small
+    max_pixels; smart_resize floors it to 0) or a fixed resized_height/width over 200:1.
+    """
+    from qwen_vl_utils import smart_resize
+
+    if "resized_height" in entry and "resized_width" in entry:  # fetch_image's fixed size, at its default limits
+        try:
+            return smart_resize(entry["resized_height"], entry["resized_width"], factor=factor)
+        except ValueError as e:
+            raise RecordError("bad_aspect_ratio", f"resized_height/resized_width: {e}") from None
+    hi = entry.get("max_pixels", max_pixels)  # a per-image limit wins over the run's, also below its minimum
+    lo = min(entry.get("min_pixels", min_pixels), hi)
+    h, w = smart_resize(height, width, factor=factor, min_pixels=lo, max_pixels=hi)
+    if not h or not w:
+        raise RecordError("bad_aspect_ratio", f"a {width}x{height} image resizes to {w}x{h} under max_pixels {hi}; raise max_pixels or crop it")
+    return h, w
+
+
+class TokenCounter:
+    """The tokens a sample will take in training: chat-template text + image tokens at the run's pixel limits.
+
+    Mirrors vlora.data.collate.Collator.encode (same template and processor, same per-image overrides,
+    qwen_vl_utils.smart_resize) without resizing any pixels: an image resized to h x w takes
+    (h / 28) * (w / 28) tokens, i.e. (h / patch / merge) * (w / patch / merge).
+    """
+
+    def __init__(self, model: str, *, min_pixels: int, max_pixels: int):
+        import qwen_vl_utils  # noqa: F401  here, before the pool forks, so that workers inherit it
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(model)
+        ip = self.processor.image_processor
+        self.factor = ip.patch_size * ip.merge_size
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+
+    def image_tokens(self, entry: dict, width: int, height: int) -> int:
+        h, w = resized_size(entry, width, height, min_pixels=self.min_pixels, max_pixels=self.max_pixels, factor=self.factor)
+        return (h // self.factor) * (w // self.factor)
+
+    def count(self, messages: list[dict], sizes: list[dict]) -> int:
+        text = self.processor.apply_chat_template(messages, tokenize=False)
+        ids = self.processor.tokenizer(text)["input_ids"]  # here each image is one <|image_pad|>
+        entries = [p for m in messages for p in m["content"] if p["type"] == "image"]
+        return len(ids) - len(entries) + sum(self.image_tokens(e, s["width"], s["height"]) for e, s in zip(entries, sizes))
+
+
+class Checker:
+    """Checks one canonical sample and reads its images: the per-record work that runs in the worker pool."""
+
+    def __init__(self, *, max_image_pixels: int, min_pixels: int, max_pixels: int, max_tokens: int | None = None,
+                 counter: TokenCounter | None = None):
+        self.max_image_pixels, self.min_pixels, self.max_pixels = max_image_pixels, min_pixels, max_pixels
+        self.max_tokens, self.counter = max_tokens, counter
+
+    def __call__(self, sample: dict | None):
+        """[(bytes, extension, width, height) per image] or the RecordError; None for a record already rejected."""
+        if sample is None:
+            return None
+        Image.MAX_IMAGE_PIXELS = self.max_image_pixels
+        try:
+            validate(sample)
+            seen = {}
+            parts = [p for m in sample["messages"] for p in m["content"] if p["type"] == "image"]
+            for i, (ref, part) in enumerate(zip(sample["images"], parts)):
+                if ref not in seen:  # a sample may show one image twice: decode it once
+                    seen[ref] = read_image(ref, i)
+                _, _, w, h = seen[ref]
+                # Only per-image sizes or a very narrow image can fail to resize: skipping the others spares
+                # importing qwen_vl_utils (and torchvision with it, ~1.5 s) on most runs.
+                if len(part) > 1 or min(w, h) * self.max_pixels < 2 * QWEN_FACTOR**2 * max(w, h):
+                    resized_size(part, w, h, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            images = [seen[ref] for ref in sample["images"]]
+            sizes = [{"width": w, "height": h} for _, _, w, h in images]
+            if self.counter is not None and (n := self.counter.count(sample["messages"], sizes)) > self.max_tokens:
+                raise RecordError("too_many_tokens", f"{n} tokens (images at min_pixels {self.min_pixels}, max_pixels {self.max_pixels}) "
+                                                     f"> --max-tokens {self.max_tokens}; shorten it, lower --max-pixels or raise the limit")
+            return images
+        except RecordError as e:
+            return e
+
+
+_checker: Checker | None = None  # the worker process's Checker, set by the pool's initializer
+
+
+def _init_worker(checker: Checker) -> None:
+    global _checker
+    _checker = checker
+
+
+def _check_chunk(samples: list) -> list:
+    # The image bytes stay on disk and the main process reads them again (from the page cache): megabytes sent
+    # back through the result pipe starve the pool's reader thread of the GIL, and two workers ran slower than one.
+    results = [_checker(s) for s in samples]
+    return [[(None, *im[1:]) for im in r] if isinstance(r, list) else r for r in results]
+
+
+def _checked(items: Iterator[tuple[object, dict | None]], checker: Checker, workers: int) -> Iterator[tuple[object, object]]:
+    """(tag, checker result) for each (tag, sample), in input order; with workers > 1 the checks run in a pool.
+
+    Chunks are submitted in order with a bounded window in flight, so memory stays flat on any input and
+    the output does not depend on which worker finishes first.
+    """
+    chunks = iter(lambda: list(itertools.islice(items, CHUNK)), [])
+    if workers <= 1:
+        for chunk in chunks:
+            yield from ((tag, checker(sample)) for tag, sample in chunk)
+        return
+    # fork: workers start at once and inherit the imported modules (spawn would re-import torch in each).
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(checker,))
+    try:
+        pending = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.submit(_check_chunk, [sample for _, sample in chunk])))
+            while pending and (len(pending) >= 4 * workers or pending[0][1].done()):
+                chunk, future = pending.popleft()
+                yield from zip((tag for tag, _ in chunk), future.result())
+        while pending:
+            chunk, future = pending.popleft()
+            yield from zip((tag for tag, _ in chunk), future.result())
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _shard_entry(refs: list, images: list) -> tuple[dict, list[dict]]:
+    """({"0.jpg": bytes, ...}, [{"width", "height"}, ...]) from a Checker result, reading what a worker left on disk."""
+    entry, data_of = {}, {}
+    for i, (ref, (data, ext, _, _)) in enumerate(zip(refs, images)):
+        if ref not in data_of:
+            data_of[ref] = data if data is not None else _image_bytes(ref, i)
+        entry[f"{i}.{ext}"] = data_of[ref]
+    return entry, [{"width": w, "height": h} for _, _, w, h in images]
+
+
+# --- shards -----------------------------------------------------------------------------------------
 
 
 class _HashingFile:
@@ -206,18 +416,78 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def pack(src, out, *, image_root=None, shard_size: int = 1000) -> PackSummary:
-    """Pack the annotation file `src` into WebDataset shards under `out` (replacing an earlier pack there).
+def annotation_files(src: Path, out: Path) -> list[Path]:
+    """`src` itself, or every *.json / *.jsonl under the folder `src` (recursive, sorted), skipping hidden
+    folders and the output folder (whose manifest.json is not an annotation file)."""
+    if not src.is_dir():
+        return [src]
+    files = sorted(
+        p for p in src.rglob("*")
+        if p.suffix in ANNOTATION_SUFFIXES and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(src).parts)
+        and out.absolute() not in p.absolute().parents
+    )  # fmt: skip
+    if not files:
+        raise VloraError(f"{src}: no .json or .jsonl annotation files in this folder")
+    return files
 
-    Raises VloraError for a missing src, an undetectable format, a bad shard_size or an `out` that
-    is not a shard folder; bad records never raise, they are counted and listed in out/rejects.jsonl.
+
+def _records(sources: list[tuple[str, str, Source]], stats: list[dict]) -> Iterator[tuple[tuple[str, str, Record], dict | None]]:
+    """((file name, key stem, record), sample) over all sources, counting records and path fallbacks per file."""
+    for (name, stem, source), st in zip(sources, stats):
+        for rec in source.records:
+            st["records"] += 1
+            yield (name, stem, rec), rec.sample
+        st["paths_resolved_by_suffix"] = source.resolver.by_suffix
+
+
+def _count_records(files: list[Path]) -> int | None:
+    """Non-blank lines of JSON Lines files, for the progress bar's total; None when a JSON array is among them."""
+    total = 0
+    for path in files:
+        with open(path, "rb") as f:
+            if f.read(4096).removeprefix(BOM).lstrip()[:1] == b"[":
+                return None
+            f.seek(0)
+            total += sum(1 for line in f if line.strip())
+    return total
+
+
+def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int = 1000, workers: int = 1,
+         max_image_pixels: int = PIL_MAX_IMAGE_PIXELS, max_tokens: int | None = None, model=None,
+         min_pixels: int | None = None, max_pixels: int | None = None, progress: bool = False) -> PackSummary:
+    """Pack the annotation file `src` (or every annotation file under the folder `src`) into WebDataset shards
+    under `out`, replacing an earlier pack there.
+
+    `min_pixels` / `max_pixels` are the run's (by default data.min_pixels / data.max_pixels): every image must
+    resize under them as training will; `max_tokens` (with `model`, a Qwen2.5-VL folder) also rejects samples
+    longer than that in training. Raises VloraError for
+    a missing src, an undetectable format, bad settings or an `out` that is not a shard folder; bad records
+    never raise, they are counted and listed in out/rejects.jsonl.
     """
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     out_abs = out.absolute()  # so the temp/old siblings get a name even for out="."
-    if shard_size < 1:
-        raise VloraError(f"shard_size must be at least 1, got {shard_size}")
-    fmt, records = read_annotations(src, image_root=image_root)
+    if shard_size < 1 or workers < 1 or max_image_pixels < 1:
+        raise VloraError(f"shard_size, workers and max_image_pixels must be at least 1, got {shard_size}, {workers}, {max_image_pixels}")
+    from vlora.config import DataArgs
+
+    min_pixels = DataArgs.min_pixels if min_pixels is None else min_pixels
+    max_pixels = DataArgs.max_pixels if max_pixels is None else max_pixels
+    if not 0 < min_pixels <= max_pixels:
+        raise VloraError(f"need 0 < --min-pixels <= --max-pixels, got {min_pixels} and {max_pixels}")
+    counter = None
+    if max_tokens is not None:
+        if model is None or not (Path(model) / "config.json").is_file():
+            raise VloraError(f"--max-tokens needs --model, a local Qwen2.5-VL folder (with config.json); got {model}")
+        counter = TokenCounter(str(model), min_pixels=min_pixels, max_pixels=max_pixels)
+    checker = Checker(max_image_pixels=max_image_pixels, min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=max_tokens, counter=counter)
+
+    files = annotation_files(src, out_abs)
+    # Names relative to src, not full paths: the same data packed from elsewhere gives the same bytes.
+    names = [p.name if p == src else p.relative_to(src).as_posix() for p in files]
+    stems = [n.rsplit(".", 1)[0] for n in names]
+    sources = [(n, s, read_annotations(p, image_root=image_root, fmt=fmt)) for n, s, p in zip(names, stems, files)]
     _check_out(out)
     out_abs.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_abs.with_name(f".{out_abs.name}.tmp-{os.getpid()}")
@@ -225,54 +495,74 @@ def pack(src, out, *, image_root=None, shard_size: int = 1000) -> PackSummary:
     tmp.mkdir()
 
     s = PackSummary(src=str(src), out=str(out))
-    file_name = src.name  # not the full path: the same data packed from elsewhere gives the same bytes
+    stats = [{"file": n, "format": source.format, "records": 0} for n, _, source in sources]
+    # Ids are often unique per file only: in a folder, keys are scoped by file so two files cannot collide.
+    scoped = src.is_dir()
     rejects, keys = [], {}
     writer = _ShardWriter(tmp, shard_size)
+    bar = None
+    pil_limit = Image.MAX_IMAGE_PIXELS
     try:
-        for rec in records:
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=_count_records(files), unit="sample", desc="pack", dynamic_ncols=True)
+        for (name, stem, rec), result in _checked(_records(sources, stats), checker, workers):
             s.read += 1
+            if bar is not None:
+                bar.update()
+            line = {"line": rec.line} if rec.line else {}  # JSON Lines only
             try:
                 if rec.error:
                     raise rec.error
-                validate(rec.sample)
-                entry, sizes, seen = {}, [], {}
-                for i, path in enumerate(rec.sample["images"]):
-                    if path not in seen:  # a sample may show one image twice: decode it once
-                        seen[path] = read_image(path, i)
-                    data, ext, w, h = seen[path]
-                    entry[f"{i}.{ext}"] = data
-                    sizes.append({"width": w, "height": h})
-                key = sample_key(rec.raw, src.stem, rec.index)
+                if isinstance(result, RecordError):
+                    raise result
+                entry, sizes = _shard_entry(rec.sample["images"], result)
+                key = sample_key(rec.raw, stem, rec.index, scoped=scoped)
                 if key in keys:
-                    raise RecordError("duplicate_key", f"key {key!r} already used by record {keys[key]}; give records unique ids")
-                keys[key] = rec.index
+                    raise RecordError("duplicate_key", f"key {key!r} already used by {keys[key]}; give records unique ids")
+                keys[key] = f"{name} record {rec.index}"
             except RecordError as e:
                 s.rejected += 1
                 s.rejects_by_reason[e.reason] = s.rejects_by_reason.get(e.reason, 0) + 1
-                rejects.append({"source": file_name, "index": rec.index, "reason": e.reason, "detail": e.detail})
+                reject = {"source": name, "index": rec.index, **line, "reason": e.reason, "detail": e.detail}
+                rejects.append(_dumps(reject) + b"\n")
+                if len(s.first_rejects) < SHOWN_REJECTS:
+                    s.first_rejects.append(reject)
                 continue
-            meta = {"messages": rec.sample["messages"], "source": {"file": file_name, "index": rec.index}, "images": sizes}
-            entry.update({"__key__": key, "json": _dumps(meta)})
-            writer.write(entry)
+            meta = {"messages": rec.sample["messages"], "source": {"file": name, "index": rec.index, **line}, "images": sizes}
+            writer.write({"__key__": key, "json": _dumps(meta), **entry})
             s.written += 1
         shards = writer.close()
-        (tmp / REJECTS).write_bytes(b"".join(_dumps(r) + b"\n" for r in rejects))
+        (tmp / REJECTS).write_bytes(b"".join(rejects))
         s.shards = len(shards)
         s.rejects_by_reason = dict(sorted(s.rejects_by_reason.items()))
-        assert s.read == s.written + s.rejected
-        write_manifest(tmp, {
+        s.paths_resolved_by_suffix = sum(st["paths_resolved_by_suffix"] for st in stats)
+        assert s.read == s.written + s.rejected == sum(st["records"] for st in stats)
+        for st, path in zip(stats, files):
+            st["sha256"] = _sha256_file(path)
+        manifest = {
             "format": FORMAT,
             "samples": s.written,
             "read": s.read,
             "rejected": s.rejected,
             "rejects_by_reason": s.rejects_by_reason,
+            "paths_resolved_by_suffix": s.paths_resolved_by_suffix,
             "shards": shards,
-            "sources": [{"file": file_name, "format": fmt, "sha256": _sha256_file(src), "records": s.read}],
-        })
+            "sources": stats,
+            "checks": {"max_image_pixels": max_image_pixels, "max_aspect_ratio": MAX_ASPECT_RATIO, "min_pixels": min_pixels,
+                       "max_pixels": max_pixels} | ({"max_tokens": max_tokens, "model": str(model)} if counter else {}),
+        }
+        write_manifest(tmp, manifest)
         _swap_in(tmp, out_abs)
     except BaseException:
         writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit  # the in-process checker set it; leave PIL as we found it
+        if bar is not None:
+            bar.close()
     s.seconds = time.perf_counter() - t0
     return s
+

@@ -1,23 +1,56 @@
-"""Shards -> batches, streamed with WebDataset: split by node, then by worker; shuffled by seed + epoch.
+"""Shards -> batches: an endless, seeded, weighted mix of shard sets whose position is a few integers.
 
-The training stream is endless (epoch after epoch), so every rank takes exactly `max_steps` steps however
-its shards are sized; the run's length is counted in optimizer steps, not epochs. The held-out stream is
-finite and deterministic: every rank reads the same samples in the same order and keeps every world-th one.
+Readers. Every rank runs `max(1, num_workers)` readers (its DataLoader workers, or the main process), each
+playing one reader ROLE. For every data set and epoch, the shard list is permuted by (seed, data set, epoch),
+the same permutation on every rank, and reader (rank, role) takes `perm[rank::world][role::workers]`: split by
+node, then by worker, so each epoch partitions the data set's shards over all readers.
+
+In-epoch order. A reader keeps up to `open_shards` of its shards open and takes each next sample from one of
+them, chosen by a seeded RNG (per seed, data set, epoch, rank and role) with probability proportional to the
+samples the shard has left; a shard that runs out is replaced by the reader's next one. Each shard is read
+front to back with webdataset's own tar iteration. The choice depends only on integers (the manifest's
+per-shard sample counts), so the whole order, and so the offset inside every open shard, follows from
+(epoch, samples emitted in that epoch) by replaying RNG draws: no sample is read for it.
+
+Mixing. Before each sample a reader picks the data set by weight with a seeded RNG (per seed, rank and role,
+drawn in blocks, so draw number n is found without replaying the n before it). Every data set runs through
+its own epochs, independently of the others.
+
+Position. A reader's state is {"mix": draws, "datasets": [{"epoch": e, "emitted": n}, ...]}. Each batch
+carries its reader's state AFTER that batch (batch["stream"]); `Loader`, in the main process, keeps the
+newest state per role and the count of consumed batches C. torch's DataLoader returns batches round-robin
+from workers 0..W-1, starting at worker 0 for every new iterator, so global batch number g always comes from
+role g % W: on resume worker w plays role (w + C) % W, with that role's shards and state, and the stream goes
+on with exactly the batch that would have come next. Restoring replays integer draws only, then opens each
+open shard at its offset by reading tar headers (no sample data) and seeking there.
+
+The held-out stream is finite and deterministic: every rank reads the same samples in the same order and
+keeps every world-th one.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import math
 import random
-from functools import partial
-from collections.abc import Callable, Iterator
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
 
-from vlora.data.manifest import shard_paths
+from vlora.data.manifest import read_manifest, shard_paths
 from vlora.errors import VloraError
+
+STATE_FORMAT = "vlora-stream/1"
+OPEN_SHARDS = 4  # shards a reader interleaves at once
+_MIX_BLOCK = 1024  # mixing draws generated per seeded block
 
 
 def check_enough_shards(shard_dir: str, n_shards: int, world_size: int, num_workers: int) -> None:
@@ -30,73 +63,419 @@ def check_enough_shards(shard_dir: str, n_shards: int, world_size: int, num_work
         )
 
 
-def take_every(items, *, start: int, step: int):
-    """This rank's shards: every `step`-th from `start` (rank and world size are explicit, not read from the env)."""
-    return itertools.islice(items, start, None, step)
+# --- sources ----------------------------------------------------------------------------------------
+
+
+def _weight(text: str, entry: str) -> float:
+    try:
+        w = float(text)
+    except ValueError:
+        w = math.nan
+    if not math.isfinite(w) or w <= 0:
+        raise VloraError(f"data.train entry '{entry}': weight '{text}' is not a positive number (use DIR or DIR:WEIGHT)")
+    return w
+
+
+def parse_sources(spec) -> list[tuple[str, float]]:
+    """'dirA:2,dirB:1' (or a list of 'DIR[:WEIGHT]' / (dir, weight)) -> [(dir, weight)]; weight defaults to 1."""
+    if isinstance(spec, str):
+        entries = spec.split(",")
+    elif isinstance(spec, Sequence) and spec:
+        entries = list(spec)
+    else:
+        raise VloraError(f"data.train must be 'DIR[:WEIGHT],DIR[:WEIGHT],...', got {spec!r}")
+    out = []
+    for entry in entries:
+        if isinstance(entry, (tuple, list)) and len(entry) == 2:
+            folder, weight = str(entry[0]).strip(), _weight(str(entry[1]), f"{entry[0]}:{entry[1]}")
+        elif isinstance(entry, str):
+            entry = entry.strip()
+            folder, sep, tail = entry.rpartition(":")
+            if not sep:
+                folder, weight = entry, 1.0
+            else:
+                weight = _weight(tail.strip(), entry)
+                folder = folder.strip()
+        else:
+            raise VloraError(f"data.train entry {entry!r} is not 'DIR[:WEIGHT]'")
+        if not folder:
+            raise VloraError(f"data.train {spec!r} has an empty entry; write 'DIR[:WEIGHT],DIR[:WEIGHT]'")
+        if not Path(folder).is_dir():
+            raise VloraError(f"data.train shard folder '{folder}' does not exist; run `vlora pack` or fix the path")
+        if any(Path(folder).resolve() == Path(f).resolve() for f, _ in out):
+            raise VloraError(f"data.train lists '{folder}' twice; give each shard folder once, with one weight")
+        out.append((folder, weight))
+    return out
+
+
+def check_sources(spec, world_size: int, num_workers: int) -> list[tuple[str, float]]:
+    """parse_sources + every folder's manifest checked + enough shards per folder: for config validation at start."""
+    sources = parse_sources(spec)
+    for folder, _ in sources:
+        check_enough_shards(folder, len(read_manifest(folder)["shards"]), world_size, num_workers)
+    return sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """One shard set of the mix: its shard paths and per-shard sample counts (from the manifest), and weight."""
+
+    folder: str
+    urls: tuple[str, ...]
+    sizes: tuple[int, ...]
+    weight: float = 1.0
+
+    @classmethod
+    def load(cls, folder: str, weight: float = 1.0) -> Source:
+        manifest = read_manifest(folder)
+        if not any(s["samples"] for s in manifest["shards"]):
+            raise VloraError(f"{folder}: its manifest.json lists no samples; pack some data into it")
+        return cls(str(folder), tuple(shard_paths(folder)), tuple(s["samples"] for s in manifest["shards"]), float(weight))
+
+    def fingerprint(self) -> dict:
+        return {"folder": self.folder, "shards": len(self.sizes), "samples": sum(self.sizes), "weight": self.weight}
+
+
+def reader_shards(n_shards: int, *, seed: int, dataset: int, epoch: int, rank: int, world_size: int, role: int,
+                  workers: int) -> list[int]:
+    """Shard indices of reader (rank, role) in an epoch: one permutation for all ranks, split by node then worker."""
+    order = list(range(n_shards))
+    random.Random(f"vlora-stream/{seed}/{dataset}/{epoch}").shuffle(order)
+    return order[rank::world_size][role::workers]
+
+
+# --- one reader -------------------------------------------------------------------------------------
+
+
+class Interleave:
+    """The in-epoch sample order of one reader, as integers: which shard each next sample comes from.
+
+    Up to `width` shards are open; each draw picks one with probability proportional to its samples left, so
+    the open shards run out at about the same pace. An exhausted shard's slot goes to the next shard in line.
+    """
+
+    def __init__(self, shards: list[int], sizes: Sequence[int], width: int, rng: random.Random):
+        self.sizes, self.rng = sizes, rng
+        self.queue = iter([s for s in shards if sizes[s] > 0])
+        self.slots: list[list[int]] = []  # [shard, samples taken]
+        self.left = 0  # samples left in the open shards
+        for shard in itertools.islice(self.queue, width):
+            self.slots.append([shard, 0])
+            self.left += sizes[shard]
+
+    def step(self) -> tuple[int, int, bool]:
+        """(shard, offset of the sample in it, whether that was the shard's last sample)."""
+        r = self.rng.randrange(self.left)
+        for i, slot in enumerate(self.slots):
+            rest = self.sizes[slot[0]] - slot[1]
+            if r < rest:
+                break
+            r -= rest
+        shard, offset = slot
+        slot[1] += 1
+        self.left -= 1
+        last = slot[1] == self.sizes[shard]
+        if last:
+            nxt = next(self.queue, None)
+            if nxt is None:
+                del self.slots[i]
+            else:
+                self.slots[i] = [nxt, 0]
+                self.left += self.sizes[nxt]
+        return shard, offset, last
+
+
+def _samples(url: str, fileobj) -> Iterator[dict]:
+    """webdataset's own tar iteration (what WebDataset runs per shard): files -> samples grouped by key."""
+    return tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream": fileobj}]))
+
+
+def _sample_start(url: str, index: int) -> tuple[int, str] | None:
+    """(byte offset of the header that starts sample `index`, its key), read from tar headers only.
+
+    Counts samples the way webdataset groups them (regular files, meta files skipped, a new key = a new
+    sample). None when the tar cannot be scanned this way (e.g. compressed): the caller reads through instead.
+    """
+    try:
+        tar = tarfile.open(url, "r:")
+    except tarfile.ReadError:
+        return None
+    with tar:
+        current, count = None, -1
+        for info in tar:  # seeks from header to header: no member's data is read
+            name = info.name
+            if not info.isreg() or re.match(r"__[^/]*__($|/)", name):
+                continue
+            if "/" not in name and name.startswith(tariterators.meta_prefix) and name.endswith(tariterators.meta_suffix):
+                continue
+            prefix, _ = tariterators.base_plus_ext(name)
+            if prefix is None or prefix == current:
+                continue
+            current, count = prefix, count + 1
+            if count == index:
+                return info.offset, prefix
+    raise VloraError(f"{url} holds {count + 1} samples but its manifest.json lists more; repack this shard folder")
+
+
+class ShardReader:
+    """One open shard, read sequentially; opened at any sample offset without reading the samples before it."""
+
+    def __init__(self, url: str, size: int, offset: int):
+        self.url, self.size, self.taken = url, size, offset
+        self.file = open(url, "rb")
+        start = _sample_start(url, offset) if offset else None
+        if start is not None:
+            self.file.seek(start[0])
+        self.samples = _samples(url, self.file)
+        if offset and start is None:  # not seekable by headers: read through the prefix (no encode)
+            for _ in range(offset):
+                self._next()
+        self.expect = start[1] if start is not None else None
+
+    def _next(self) -> dict:
+        sample = next(self.samples, None)
+        if sample is None:
+            raise VloraError(f"{self.url} ends early: its manifest.json lists {self.size} samples; repack this shard folder")
+        return sample
+
+    def next(self) -> dict:
+        sample = self._next()
+        if self.expect is not None:
+            if sample["__key__"] != self.expect:
+                raise VloraError(f"{self.url}: resumed at sample {self.taken} but read key {sample['__key__']!r}, "
+                                 f"expected {self.expect!r}")
+            self.expect = None
+        self.taken += 1
+        if self.taken == self.size:
+            if next(self.samples, None) is not None:
+                raise VloraError(f"{self.url} holds more than the {self.size} samples its manifest.json lists; repack")
+            self.close()
+        return sample
+
+    def close(self) -> None:
+        self.samples.close()
+        self.file.close()
+
+
+class DatasetReader:
+    """One reader's endless pass over one data set: epoch after epoch, position = (epoch, emitted)."""
+
+    def __init__(self, source: Source, index: int, *, seed: int, rank: int, world_size: int, role: int, workers: int,
+                 open_shards: int, epoch: int = 0, emitted: int = 0):
+        self.source, self.index, self.seed = source, index, seed
+        self.rank, self.world_size, self.role, self.workers, self.width = rank, world_size, role, workers, open_shards
+        self.open: dict[int, ShardReader] = {}
+        self._start(epoch)
+        if not 0 <= emitted <= self.epoch_len:
+            raise VloraError(f"data state for {source.folder} says {emitted} samples into epoch {epoch}, but this "
+                             f"reader's share of that epoch has {self.epoch_len}: the shard folder changed")
+        for _ in range(emitted):  # integers only: recovers every open shard's offset
+            self.plan.step()
+        self.emitted = emitted
+
+    def _start(self, epoch: int) -> None:
+        shards = reader_shards(len(self.source.sizes), seed=self.seed, dataset=self.index, epoch=epoch, rank=self.rank,
+                               world_size=self.world_size, role=self.role, workers=self.workers)
+        rng = random.Random(f"vlora-stream/{self.seed}/{self.index}/{epoch}/{self.rank}/{self.role}")
+        self.epoch, self.epoch_len = epoch, sum(self.source.sizes[s] for s in shards)
+        self.plan = Interleave(shards, self.source.sizes, self.width, rng)
+
+    def next(self) -> dict:
+        while self.emitted == self.epoch_len:  # a share of only empty shards gives an empty epoch
+            self.close()
+            self._start(self.epoch + 1)
+            self.emitted = 0
+        shard, offset, last = self.plan.step()
+        reader = self.open.get(shard)
+        if reader is None:
+            reader = self.open[shard] = ShardReader(self.source.urls[shard], self.source.sizes[shard], offset)
+        sample = reader.next()
+        if last:
+            del self.open[shard]
+        self.emitted += 1
+        return sample
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "emitted": self.emitted}
+
+    def close(self) -> None:
+        for reader in self.open.values():
+            reader.close()
+        self.open.clear()
+
+
+class Mixer:
+    """Which data set each next sample comes from: a seeded draw by weight; draw n is found without replay."""
+
+    def __init__(self, weights: Sequence[float], key: str, draws: int = 0):
+        self.cumulative = list(itertools.accumulate(weights))
+        self.key, self.draws, self._block, self._values = key, draws, -1, []
+
+    def pick(self) -> int:
+        block, i = divmod(self.draws, _MIX_BLOCK)
+        self.draws += 1
+        if len(self.cumulative) == 1:
+            return 0
+        if block != self._block:
+            rng = random.Random(f"{self.key}/{block}")
+            self._block, self._values = block, [rng.random() for _ in range(_MIX_BLOCK)]
+        u = self._values[i] * self.cumulative[-1]
+        return min(bisect.bisect_right(self.cumulative, u), len(self.cumulative) - 1)
+
+
+def fresh_reader_state(n_sources: int) -> dict:
+    return {"mix": 0, "datasets": [{"epoch": 0, "emitted": 0} for _ in range(n_sources)]}
 
 
 class TrainStream(IterableDataset):
-    """Endless micro-batches for this rank; each DataLoader worker reads its own share of this rank's shards."""
+    """Endless micro-batches of one rank; each DataLoader worker (or the main process) plays one reader role.
 
-    def __init__(
-        self,
-        urls: list[str],
-        *,
-        rank: int,
-        world_size: int,
-        seed: int,
-        shuffle_buffer: int,
-        micro_batch: int,
-        encode: Callable[[dict], dict | None],
-        collate: Callable[[list[dict]], dict],
-    ):
-        self.urls, self.rank, self.world_size, self.seed = urls, rank, world_size, seed
-        self.shuffle_buffer, self.micro_batch = shuffle_buffer, micro_batch
+    `states[role]` is where each role starts; worker w plays role (w + role_offset) % workers.
+    """
+
+    def __init__(self, sources: Sequence[Source], *, rank: int, world_size: int, num_workers: int, seed: int,
+                 micro_batch: int, encode: Callable[[dict], dict | None], collate: Callable[[list[dict]], dict],
+                 open_shards: int = OPEN_SHARDS, states: list[dict] | None = None, role_offset: int = 0):
+        self.sources, self.rank, self.world_size, self.seed = list(sources), rank, world_size, seed
+        self.workers, self.micro_batch, self.open_shards = max(1, num_workers), micro_batch, open_shards
         self.encode, self.collate = encode, collate
-
-    def epoch(self, epoch: int) -> wds.WebDataset:
-        order = list(self.urls)
-        random.Random(f"{self.seed}/{epoch}").shuffle(order)  # the same on every rank: the split is a partition
-        worker = get_worker_info()
-        # The sample shuffle differs per rank and worker (they hold different shards) but repeats run to run.
-        rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker.id if worker else 0}")
-        return (
-            wds.WebDataset(
-                order,
-                shardshuffle=False,  # shuffled above, by seed + epoch, before the split
-                nodesplitter=partial(take_every, start=self.rank, step=self.world_size),
-                workersplitter=wds.split_by_worker,
-                empty_check=False,  # check_enough_shards already guaranteed a shard per reader
-            )
-            .shuffle(self.shuffle_buffer, rng=rng)
-        )
+        self.states = states or [fresh_reader_state(len(self.sources)) for _ in range(self.workers)]
+        self.role_offset = role_offset
 
     def __iter__(self) -> Iterator[dict]:
-        # A micro-batch may straddle two epochs: nothing is dropped at an epoch's end, every skip is reported.
+        info = get_worker_info()
+        worker, n = (info.id, info.num_workers) if info else (0, 1)
+        if n != self.workers:
+            raise RuntimeError(f"TrainStream was built for {self.workers} reader(s) per rank, runs on {n}")
+        yield from self.role_batches((worker + self.role_offset) % self.workers)
+
+    def role_batches(self, role: int) -> Iterator[dict]:
+        state = self.states[role]
+        readers = [
+            DatasetReader(src, d, seed=self.seed, rank=self.rank, world_size=self.world_size, role=role,
+                          workers=self.workers, open_shards=self.open_shards, **state["datasets"][d])
+            for d, src in enumerate(self.sources)
+        ]
+        mixer = Mixer([s.weight for s in self.sources], f"vlora-stream/{self.seed}/mix/{self.rank}/{role}", state["mix"])
+        # A micro-batch may straddle epochs: nothing is dropped at an epoch's end, every skip is reported.
         pending, skipped = [], 0
-        for epoch in itertools.count():
-            for sample in self.epoch(epoch):
-                item = self.encode(sample)
+        try:
+            while True:
+                item = self.encode(readers[mixer.pick()].next())
                 if item is None:
-                    skipped += 1
+                    skipped += 1  # still a step of the position: a resumed stream does not see it again
                     continue
                 pending.append(item)
                 if len(pending) == self.micro_batch:
                     batch = self.collate(pending)
-                    batch["skipped"] = skipped  # samples dropped since the previous batch of this worker
+                    batch["skipped"] = skipped  # samples dropped since this reader's previous batch
+                    batch["stream"] = {"role": role, "state": {"mix": mixer.draws,
+                                                               "datasets": [r.state() for r in readers]}}
                     yield batch
                     pending, skipped = [], 0
+        finally:
+            for r in readers:
+                r.close()
 
 
-def train_loader(shard_dir: str, *, rank: int, world_size: int, num_workers: int, seed: int, shuffle_buffer: int,
-                 micro_batch: int, encode, collate) -> Iterator[dict]:
-    urls = shard_paths(shard_dir)
-    check_enough_shards(shard_dir, len(urls), world_size, num_workers)
-    stream = TrainStream(urls, rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer, micro_batch=micro_batch,
-                         encode=encode, collate=collate)
-    loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
-    return iter(loader)
+# --- the main process's view ------------------------------------------------------------------------
+
+
+class Loader:
+    """Iterator over one rank's micro-batches that knows the exact position of what it has handed out.
+
+    `state_dict()` after any `next()` is JSON-serialisable and small; `train_loader(..., state=it)` continues with
+    exactly the next batch.
+    """
+
+    def __init__(self, stream: TrainStream, *, num_workers: int, consumed: int = 0, header: dict):
+        self.stream, self.consumed, self.header = stream, consumed, header
+        self.readers = [dict(s) for s in stream.states]
+        self._loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                  pin_memory=torch.cuda.is_available(),
+                                  prefetch_factor=4 if num_workers > 0 else None)
+        self._it = None
+
+    def __iter__(self) -> Loader:
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:  # (re)start the readers where the consumed batches left them
+            self.stream.states = [dict(r) for r in self.readers]
+            self.stream.role_offset = self.consumed % self.stream.workers
+            self._it = iter(self._loader)
+        batch = next(self._it)
+        info = batch.pop("stream")
+        expected = self.consumed % self.stream.workers
+        if info["role"] != expected:
+            raise RuntimeError(f"batch {self.consumed} came from reader role {info['role']}, expected {expected}: "
+                               "the DataLoader did not return batches round-robin, the position would be wrong")
+        self.readers[info["role"]] = info["state"]
+        self.consumed += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        """This rank's data position: where every reader role goes on, and how many batches were consumed."""
+        return {**self.header, "consumed": self.consumed,
+                "readers": [{"mix": r["mix"], "datasets": [dict(d) for d in r["datasets"]]} for r in self.readers]}
+
+    def close(self) -> None:
+        self._it = None  # the DataLoader iterator's finaliser stops the workers
+
+
+def _check_state(state: dict, header: dict, n_sources: int) -> None:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise VloraError(f"data-stream state has format {state.get('format') if isinstance(state, dict) else None!r}, "
+                         f"expected {STATE_FORMAT!r}; start the data stream afresh (state=None)")
+    for key, what in (("rank", "rank"), ("world_size", "world size"), ("workers", "readers per rank (data.num_workers)"),
+                      ("seed", "seed (run.seed)"), ("open_shards", "open_shards")):
+        if state.get(key) != header[key]:
+            raise VloraError(f"data-stream state was saved with {what} {state.get(key)}, this run has {header[key]}; "
+                             "an exact resume needs the same ranks, workers, seed and shard folders")
+    saved, now = state.get("sources"), header["sources"]
+    if not isinstance(saved, list) or len(saved) != len(now) or any(
+            (a.get("shards"), a.get("samples")) != (b["shards"], b["samples"]) for a, b in zip(saved, now)):
+        raise VloraError(f"data-stream state was saved for sources {saved}, this run reads {now}: the shard folders "
+                         "changed, so the saved position means nothing; start the data stream afresh")
+    readers = state.get("readers")
+
+    def count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    def reader_ok(r) -> bool:
+        ds = r.get("datasets") if isinstance(r, dict) else None
+        return (count(r.get("mix")) and isinstance(ds, list) and len(ds) == n_sources
+                and all(isinstance(d, dict) and count(d.get("epoch")) and count(d.get("emitted")) for d in ds))
+
+    if not count(state.get("consumed")) or not isinstance(readers, list) or len(readers) != header["workers"] \
+            or not all(map(reader_ok, readers)):
+        raise VloraError("data-stream state is damaged (consumed / readers); start the data stream afresh")
+
+
+def train_loader(sources, *, rank: int, world_size: int, num_workers: int, seed: int, micro_batch: int, encode,
+                 collate, state: dict | None = None, open_shards: int = OPEN_SHARDS) -> Loader:
+    """This rank's endless micro-batches from `sources` ([(dir, weight)], see parse_sources), from `state` if given.
+
+    Batches are `collate`'s dicts plus batch["skipped"] (samples `encode` rejected since the previous batch of
+    the same reader). Changing weights or micro_batch on resume is allowed (the sample streams are the same);
+    changing ranks, workers, seed or shard folders is refused.
+    """
+    if isinstance(sources, str):
+        sources = parse_sources(sources)
+    loaded = [Source.load(folder, weight) for folder, weight in sources]
+    for src in loaded:
+        check_enough_shards(src.folder, len(src.sizes), world_size, num_workers)
+    workers = max(1, num_workers)
+    header = {"format": STATE_FORMAT, "rank": rank, "world_size": world_size, "workers": workers, "seed": seed,
+              "open_shards": open_shards, "sources": [s.fingerprint() for s in loaded]}
+    consumed, states = 0, None
+    if state is not None:
+        _check_state(state, header, len(loaded))
+        consumed, states = state["consumed"], state["readers"]
+    stream = TrainStream(loaded, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,
+                         micro_batch=micro_batch, encode=encode, collate=collate, open_shards=open_shards,
+                         states=states, role_offset=consumed % workers)
+    return Loader(stream, num_workers=num_workers, consumed=consumed, header=header)
 
 
 def heldout_batches(shard_dir: str, *, rank: int, world_size: int, max_samples: int, micro_batch: int,

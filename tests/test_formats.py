@@ -1,0 +1,253 @@
+"""Every annotation format -> the one canonical sample; placeholders, path resolution, per-line errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlora.data.formats import FORMATS, PER_IMAGE_KEYS, PathResolver, RecordError, detect, load_samples, read_annotations
+from vlora.errors import VloraError
+
+PEERS = Path("/work/shared/peers/llamafactory_mllm_demo")
+
+
+def _jsonl(path: Path, records) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def _records(src, **kw):
+    return list(read_annotations(src, **kw).records)
+
+
+def text(t):
+    return {"type": "text", "text": t}
+
+
+IMG = {"type": "image"}
+
+
+def user_assistant(user: list, answer: str) -> list:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": [text(answer)]}]
+
+
+def test_sharegpt_to_canonical(tmp_path):
+    src = _jsonl(tmp_path / "d.jsonl", [{
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Compare <image> and<image>\nplease."},
+            {"role": "assistant", "content": "Same."},
+            {"role": "user", "content": "Why?"},
+            {"role": "assistant", "content": "Red <image> twice."},
+        ],
+        "images": ["x/1.png", "/abs/2.jpg", "3.png"],
+    }])
+    (sample,) = load_samples(src)
+    assert sample["messages"] == [
+        {"role": "system", "content": [text("Be brief.")]},
+        {"role": "user", "content": [text("Compare "), IMG, text(" and"), IMG, text("\nplease.")]},
+        {"role": "assistant", "content": [text("Same.")]},
+        {"role": "user", "content": [text("Why?")]},
+        {"role": "assistant", "content": [text("Red "), IMG, text(" twice.")]},
+    ]
+    # Nothing exists: each path is where it would most likely be (beside the file, or under the root).
+    assert sample["images"] == [tmp_path.absolute() / "x/1.png", Path("/abs/2.jpg"), tmp_path.absolute() / "3.png"]
+    (rooted,) = load_samples(src, image_root=tmp_path / "root")
+    assert rooted["images"][0] == (tmp_path / "root/x/1.png").absolute()
+
+
+def test_llava_to_canonical_json_array(tmp_path):
+    src = tmp_path / "llava.json"
+    src.write_text(json.dumps([
+        {"id": "0", "image": "a.jpg", "conversations": [
+            {"from": "system", "value": "Sys."},
+            {"from": "human", "value": "<image>\nWhat is it?"},
+            {"from": "gpt", "value": "A cat."}]},
+        {"id": "1", "images": ["b.png", "c.png"], "system": "Top-level system.", "conversations": [
+            {"from": "human", "value": "<image><image>Diff?"}, {"from": "gpt", "value": "None."}]},
+        {"id": "2", "conversations": [{"from": "human", "value": "Text only."}, {"from": "gpt", "value": "OK."}]},
+    ], indent=1))
+    source = read_annotations(src)
+    assert source.format == "llava"
+    a, b, c = (r.sample for r in source.records)
+    assert a == {"messages": [{"role": "system", "content": [text("Sys.")]}] + user_assistant([IMG, text("\nWhat is it?")], "A cat."),
+                 "images": [tmp_path.absolute() / "a.jpg"]}
+    assert b["messages"][0] == {"role": "system", "content": [text("Top-level system.")]}
+    assert b["messages"][1]["content"] == [IMG, IMG, text("Diff?")]
+    assert b["images"] == [tmp_path.absolute() / "b.png", tmp_path.absolute() / "c.png"]
+    assert c["images"] == []
+
+
+def test_openai_content_lists_every_image_spelling(tmp_path):
+    src = _jsonl(tmp_path / "oa.jsonl", [
+        {"messages": [
+            {"role": "system", "content": [{"type": "text", "text": "Sys."}]},
+            {"role": "user", "content": [
+                {"type": "image", "image": "a.png", "max_pixels": 3136, "min_pixels": 784},
+                {"type": "image_url", "image_url": {"url": "b.png"}},
+                {"type": "image_url", "image_url": "c.png", "resized_height": 56, "resized_width": 84},
+                {"type": "image_url", "value": "d.png"},
+                {"type": "image", "image": "file:///abs/e.png"},
+                {"type": "text", "value": "Which?"}]},
+            {"role": "assistant", "content": "The first."},  # string content mixes in
+        ]},
+        # TRL's layout: bare image parts take the record's "images" in order; top-level system string.
+        {"system": "Be brief.", "images": ["x.png", "y.png"], "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Same."}]}]},
+    ])
+    first, second = _records(src)
+    assert first.sample["messages"] == [{"role": "system", "content": [text("Sys.")]}] + user_assistant([
+        {"type": "image", "max_pixels": 3136, "min_pixels": 784}, IMG,
+        {"type": "image", "resized_height": 56, "resized_width": 84}, IMG, IMG, text("Which?")], "The first.")
+    d = tmp_path.absolute()
+    assert first.sample["images"] == [d / "a.png", d / "b.png", d / "c.png", d / "d.png", Path("/abs/e.png")]
+    assert second.sample == {"messages": [{"role": "system", "content": [text("Be brief.")]}] + user_assistant([IMG, text("and"), IMG], "Same."),
+                             "images": [d / "x.png", d / "y.png"]}
+    assert (first.line, second.line) == (1, 2)
+    assert PER_IMAGE_KEYS == __import__("vlora.data.collate", fromlist=["x"]).PER_IMAGE_KEYS
+
+
+@pytest.mark.parametrize("part, detail", [
+    ({"type": "video", "video": "v.mp4"}, "unsupported part type 'video'"),
+    ({"type": "text"}, "a text part needs a 'text'"),
+    ({"type": "image", "image": ""}, "non-empty string"),
+    ({"type": "image", "image": "a.png", "max_pixels": "big"}, "max_pixels must be a positive integer"),
+])
+def test_openai_bad_parts(tmp_path, part, detail):
+    src = _jsonl(tmp_path / "oa.jsonl", [{"messages": [{"role": "user", "content": [part]}, {"role": "assistant", "content": "x"}]}])
+    (r,) = _records(src, fmt="openai")
+    assert r.error.reason == "bad_record" and detail in r.error.detail
+
+
+def test_caption_and_instruction(tmp_path):
+    d = tmp_path.absolute()
+    cap = _jsonl(tmp_path / "cap.jsonl", [{"image_path": "a.png", "text": "A red circle."}, {"image": "b.png", "caption": " <image> kept "}])
+    assert read_annotations(cap).format == "caption"
+    assert load_samples(cap) == [
+        {"messages": user_assistant([IMG], "A red circle."), "images": [d / "a.png"]},
+        {"messages": user_assistant([IMG], " <image> kept "), "images": [d / "b.png"]},  # a caption is an answer, kept verbatim
+    ]
+    ins = _jsonl(tmp_path / "ins.jsonl", [
+        {"image_path": "a.png", "instruction": "Describe it.", "input": "Be short.", "output": "Red."},
+        {"image_path": "a.png", "instruction": "Describe it.", "input": "", "output": "Red."},
+        {"images": ["a.png", "b.png"], "instruction": "Is <image_2> bigger than <image_1>?", "output": "No."},
+        {"instruction": "No image.", "output": "Fine.", "system": "Sys."},
+    ])
+    assert read_annotations(ins).format == "instruction"
+    s = load_samples(ins)
+    assert s[0] == {"messages": user_assistant([IMG, text("Describe it.\nBe short.")], "Red."), "images": [d / "a.png"]}
+    assert s[1]["messages"][0]["content"] == [IMG, text("Describe it.")]
+    assert s[2] == {"messages": user_assistant([text("Is "), IMG, text(" bigger than "), IMG, text("?")], "No."), "images": [d / "b.png", d / "a.png"]}
+    assert s[3] == {"messages": [{"role": "system", "content": [text("Sys.")]}] + user_assistant([text("No image.")], "Fine."), "images": []}
+
+
+def test_numbered_and_inline_placeholders(tmp_path):
+    d = tmp_path.absolute()
+    # numbered: 1-based into the list, in order of appearance, repeats allowed
+    (a,) = load_samples(_jsonl(tmp_path / "n.jsonl", [
+        {"messages": [{"role": "user", "content": "<image_no_2> vs <image_no_1>, again <image_no_2>"}, {"role": "assistant", "content": "x"}],
+         "images": ["a.png", "b.png"]}]))
+    src = _jsonl(tmp_path / "p.jsonl", [
+        {"conversations": [{"from": "human", "value": "<image_1>?"}, {"from": "gpt", "value": "x"}], "image": "a.png"},
+        # <|vision_start|>path<|vision_end|>: an image at that path, with or without <|image_pad|> inside
+        {"conversations": [{"from": "human", "value": "Picture 1: <|vision_start|>sub/c.png<|vision_end|>and "
+                                                      "<|vision_start|><|image_pad|>/abs/d.png<|image_pad|><|vision_end|>"},
+                           {"from": "gpt", "value": "x"}]},
+        {"conversations": [{"from": "human", "value": "<|vision_start|><|image_pad|><|vision_end|>?"}, {"from": "gpt", "value": "x"}], "images": ["a.png"]},
+    ])
+    b, c, e = load_samples(src)
+    assert a["messages"][0]["content"] == [IMG, text(" vs "), IMG, text(", again "), IMG]
+    assert a["images"] == [d / "b.png", d / "a.png", d / "b.png"]
+    assert b["images"] == [d / "a.png"]
+    assert c["messages"][0]["content"] == [text("Picture 1: "), IMG, text("and "), IMG]
+    assert c["images"] == [d / "sub/c.png", Path("/abs/d.png")]
+    assert e["messages"][0]["content"] == [IMG, text("?")] and e["images"] == [d / "a.png"]
+
+
+@pytest.mark.parametrize("content, images, detail", [
+    ("<image><image>Two?", ["a.png"], "2 <image> tag(s) but 1 image(s); make them match"),
+    ("No tag?", ["a.png"], "0 <image> tag(s) but 1 image(s); make them match"),
+    ("<image_3>?", ["a.png", "b.png"], "placeholder <image_3> but the record lists 2 image(s)"),
+    ("<image_1> only", ["a.png", "b.png"], "image 2 of 2 is never referenced"),
+    ("<image_1> and <image>", ["a.png", "b.png"], "mixes <image> tags with numbered placeholders"),
+])
+def test_placeholder_mismatches(tmp_path, content, images, detail):
+    src = _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "x"}], "images": images}])
+    (r,) = _records(src)
+    assert r.error.reason == "image_count_mismatch" and detail in r.error.detail
+
+
+def test_path_resolution_order_and_suffix_fallback(tmp_path):
+    ann, root = tmp_path / "ann", tmp_path / "root"
+    for p in (ann / "only_ann.png", root / "both.png", ann / "both.png", ann / "imgs/deep.png"):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    r = PathResolver(ann, root)
+    assert r("both.png") == root / "both.png"  # image_root first
+    assert r("only_ann.png") == ann / "only_ann.png"  # then beside the annotation file
+    assert r("data/repo/imgs/deep.png") == ann / "imgs/deep.png"  # then with leading folders dropped
+    assert r("elsewhere/nope.png") == root / "elsewhere/nope.png"  # none exists: the first candidate, for the reject
+    assert r("/abs/x.png") == Path("/abs/x.png") and r("file:///abs/y.png") == Path("/abs/y.png")
+    assert r("data:image/png;base64,AAAA") == "data:image/png;base64,AAAA"  # decoded at pack time
+    assert r.by_suffix == 1
+    for url in ("http://example.com/a.png", "https://example.com/a.png"):
+        with pytest.raises(RecordError) as e:
+            r(url)
+        assert e.value.reason == "remote_image" and url in e.value.detail
+    assert PathResolver(ann)("both.png") == ann / "both.png"
+
+
+def test_llamafactory_files_give_the_same_samples():
+    """The two LLaMA-Factory demo files hold the same conversations in two formats, with differently rooted paths."""
+    sharegpt = read_annotations(PEERS / "mllm_demo.json")
+    samples = [r.sample for r in sharegpt.records]
+    assert sharegpt.format == "sharegpt" and len(samples) == 6 and sum(len(s["images"]) for s in samples) == 8
+    assert sharegpt.resolver.by_suffix == 0
+    v1 = read_annotations(PEERS / "v1_multimodal_demo.jsonl")
+    records = list(v1.records)
+    # The v1 file repeats the six conversations four times (24 lines, 32 image references), as upstream ships it.
+    assert v1.format == "openai" and len(records) == 24 and all(r.error is None for r in records)
+    assert [r.sample for r in records] == samples * 4
+    assert v1.resolver.by_suffix == 32  # every `data/mllm_demo_data/...` path found by dropping `data/`
+    assert samples[0]["images"] == [PEERS / "mllm_demo_data/1.jpg"] * 2
+
+
+def test_detect_and_unknown_format(tmp_path):
+    qa = {"messages": [{"role": "user", "content": "<image>Q?"}, {"role": "assistant", "content": "A"}], "images": ["a.png"]}
+    assert detect(qa) == "sharegpt"
+    assert detect({"conversations": [{"from": "human", "value": "hi"}]}) == "llava"
+    assert detect({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]}) == "openai"
+    assert detect({"image_path": "a.png", "text": "c"}) == "caption"
+    assert detect({"image_path": "a.png", "instruction": "i", "input": "", "output": "o"}) == "instruction"
+    assert detect({"question": "q", "answer": "a"}) is None and detect([1]) is None
+    assert list(FORMATS) == ["sharegpt", "llava", "openai", "instruction", "caption"]
+    src = _jsonl(tmp_path / "weird.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(VloraError, match="weird.jsonl: matches no known format") as e:
+        read_annotations(src)
+    assert "\n" not in str(e.value)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(VloraError, match="empty.jsonl: has no records"):
+        read_annotations(tmp_path / "empty.jsonl")
+    (tmp_path / "broken.json").write_text('[{"messages": ]')
+    with pytest.raises(VloraError, match="broken.json: not valid JSON"):
+        read_annotations(tmp_path / "broken.json")
+    with pytest.raises(VloraError, match="unknown format 'alpaca'"):
+        read_annotations(src, fmt="alpaca")
+    # A forced format reads what detection would skip: here every record is bad_record.
+    assert [r.error.reason for r in _records(src, fmt="caption")] == ["bad_record"]
+    mixed = _jsonl(tmp_path / "mixed.jsonl", [qa, {"image_path": "a.png", "text": "c"}])
+    assert _records(mixed)[1].error.detail == "'messages' must be a non-empty list (the record looks like caption, the file is read as sharegpt)"
+
+
+def test_invalid_utf8_is_one_reject_naming_the_line(tmp_path):
+    good = json.dumps({"image_path": "a.png", "text": "ok"}).encode()
+    src = tmp_path / "u.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + good + b"\n\n" + good[:-2] + b'\xff"}\n' + good + b"\n")
+    recs = _records(src)
+    assert [(r.index, r.line, r.error.reason if r.error else None) for r in recs] == [(0, 1, None), (1, 3, "invalid_utf8"), (2, 4, None)]
+    assert recs[1].error.detail.startswith("line 3: byte 0xff at column ")
+    arr = tmp_path / "u.json"
+    arr.write_bytes(b'[\n{"image_path": "a.png",\n "text": "\xff"}]')
+    with pytest.raises(VloraError, match=r"u.json: line 3 is not valid UTF-8"):
+        read_annotations(arr)
