@@ -83,6 +83,8 @@ class RunArgs:
     overwrite: bool = False  # start afresh in a run folder that already holds a run (its contents are deleted)
     resume: str = ""  # "" = a new run | auto = continue from the run's latest checkpoint if any | a checkpoint folder
     trace_keys: bool = False  # write the sample keys each rank consumes per step (data-order checks)
+    max_bad_steps: int = 5  # this many non-finite steps in a row stop the run (with a checkpoint)
+    plot: bool = True  # write loss and lr against step as runs/NAME/curves.png at the end
     log_every: int = 1  # optimizer steps between log lines
     progress: bool = True  # tqdm bar on rank 0
     wandb: bool = False  # also log to wandb (offline unless WANDB_MODE says otherwise)
@@ -218,7 +220,7 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
         "optim.micro_batch": cfg.optim.micro_batch, "data.max_length": cfg.data.max_length,
         "data.min_pixels": cfg.data.min_pixels, "run.log_every": cfg.run.log_every,
         "run.keep_last": cfg.run.keep_last, "run.dist_timeout_s": cfg.run.dist_timeout_s,
-        "data.open_shards": cfg.data.open_shards,
+        "data.open_shards": cfg.data.open_shards, "run.max_bad_steps": cfg.run.max_bad_steps,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -136,6 +136,16 @@ class Source:
         return {"folder": self.folder, "shards": len(self.sizes), "samples": sum(self.sizes), "weight": self.weight}
 
 
+def global_reader(rank: int, world_size: int, role: int) -> int:
+    """Reader (rank, role)'s index among all ranks x workers; its shards are perm[index :: readers].
+
+    Every random choice of a reader is keyed by this index alone, so a reader's sample stream is the same
+    whether the readers are ranks or workers: 2 ranks x 1 worker read exactly what 1 rank x 2 workers read
+    (which is what makes "2 ranks == 1 rank with twice the accumulation" testable).
+    """
+    return rank + world_size * role
+
+
 def reader_shards(n_shards: int, *, seed: int, dataset: int, epoch: int, rank: int, world_size: int, role: int,
                   workers: int) -> list[int]:
     """Shard indices of reader (rank, role) in an epoch: one permutation for all ranks, split by node then worker."""
@@ -276,7 +286,8 @@ class DatasetReader:
     def _start(self, epoch: int) -> None:
         shards = reader_shards(len(self.source.sizes), seed=self.seed, dataset=self.index, epoch=epoch, rank=self.rank,
                                world_size=self.world_size, role=self.role, workers=self.workers)
-        rng = random.Random(f"vlora-stream/{self.seed}/{self.index}/{epoch}/{self.rank}/{self.role}")
+        reader = global_reader(self.rank, self.world_size, self.role)
+        rng = random.Random(f"vlora-stream/{self.seed}/{self.index}/{epoch}/{reader}")
         self.epoch, self.epoch_len = epoch, sum(self.source.sizes[s] for s in shards)
         self.plan = Interleave(shards, self.source.sizes, self.width, rng)
 
@@ -356,7 +367,8 @@ class TrainStream(IterableDataset):
                           workers=self.workers, open_shards=self.open_shards, **state["datasets"][d])
             for d, src in enumerate(self.sources)
         ]
-        mixer = Mixer([s.weight for s in self.sources], f"vlora-stream/{self.seed}/mix/{self.rank}/{role}", state["mix"])
+        reader = global_reader(self.rank, self.world_size, role)
+        mixer = Mixer([s.weight for s in self.sources], f"vlora-stream/{self.seed}/mix/{reader}", state["mix"])
         # A micro-batch may straddle epochs: nothing is dropped at an epoch's end, every skip is reported.
         pending, skipped = [], 0
         try:
