@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
 # One node, all its GPUs (or N CPU processes): edit the settings, then `bash launch/torchrun.sh [section.key=value ...]`.
+# Each setting can also be given in the environment: `NPROC=4 CONFIG=my.yaml bash launch/torchrun.sh optim.lr=1e-4`.
+#
+# Stopping: SIGTERM or SIGUSR1 to this script (it becomes torchrun) reaches every training process, which
+# finishes its step, saves a checkpoint, writes runs/NAME/PREEMPTED and exits; continue with run.resume=auto.
+# torchrun itself then exits 1 (it reports the signal it got, not how the workers ended): look at PREEMPTED.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,7 +14,12 @@ if [ -z "${NPROC:-}" ]; then                 # processes = GPUs on this node; 2 
     NPROC=$(command -v nvidia-smi >/dev/null && nvidia-smi -L | wc -l || echo 0)
     [ "${NPROC}" -gt 0 ] || NPROC=2
 fi
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-300}   # seconds a signalled run gets to finish its step and save before SIGKILL
 # ---------------------------------------------------------------------------------------------------------
 
-[ -f .venv/bin/activate ] && source .venv/bin/activate
-exec torchrun --standalone --nproc_per_node "${NPROC}" train.py --config "${CONFIG}" "$@"
+if [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi
+# torchrun forwards only the signals it is told to handle (SIGUSR1 is not in its default list: without it,
+# SIGUSR1 would kill torchrun and leave the training processes running, orphaned).
+exec torchrun --standalone --nproc_per_node "${NPROC}" \
+    --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT}" \
+    train.py --config "${CONFIG}" "$@"

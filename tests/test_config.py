@@ -2,7 +2,7 @@
 
 import pytest
 
-from vlora.config import load_config, validate
+from vlora.config import group_values, load_config, validate
 from vlora.errors import VloraError
 
 
@@ -88,3 +88,45 @@ def test_unknown_key_in_file(tmp_path, paths):
     f.write_text("data:\n  open_shard: 10\n")
     with pytest.raises(VloraError, match="unknown config key 'data.open_shard' \\(did you mean 'data.open_shards'\\?\\)"):
         load_config(f, paths)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["lora.targets=llm_attn,vision_attn"], "lora.targets has 'vision_attn' but model.freeze_vision=true; set "
+                                                 "model.freeze_vision=false or drop 'vision_attn' from lora.targets"),
+        (["model.freeze_llm=true"], "lora.targets has 'llm_attn' but model.freeze_llm=true"),
+        (["model.freeze_merger=true"], "lora.targets has 'merger' but model.freeze_merger=true"),
+        (["lora.targets=llm_attn", "lora.train_merger_fully=true", "model.freeze_merger=true"],
+         "lora.train_merger_fully=true but model.freeze_merger=true"),
+        (["lora.train_merger_fully=true"], "drop 'merger' from lora.targets"),
+        (["lora.targets=[]"], "lora.targets is empty and lora.train_merger_fully=false: nothing would train"),
+        (["lora.group_r=vision_mlp=8"],
+         "config key 'lora.group_r' sets 'vision_mlp', which lora.targets does not place"),
+        (["lora.group_alpha=merger:8"], "config key 'lora.group_alpha' item 'merger:8' must look like group=integer"),
+        (["lora.group_r=projector=8"], "config key 'lora.group_r' names group 'projector'; choose from llm_attn"),
+        (["lora.group_r=merger=0"], "config key 'lora.group_r' gives 'merger' 0; it must be positive"),
+        (["lora.dropout=1"], "config key 'lora.dropout' must lie in [0, 1), got 1.0"),
+        (["optim.lr_vision=0"], "config key 'optim.lr_vision' must be positive, got 0.0"),
+        (["lora.init_from=/nowhere/adapter"], "lora.init_from '/nowhere/adapter' is not an adapter folder "
+                                              "(no adapter_config.json)"),
+    ],
+)
+def test_lora_freeze_and_lr_settings_are_checked_before_loading(paths, overrides, message):
+    with pytest.raises(VloraError) as e:
+        validate(load_config(None, paths + overrides))
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_lora_group_settings_parse_from_file_and_command_line(tmp_path, paths):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  freeze_vision: false\nlora:\n  targets: [llm_attn, merger, vision_attn]\n"
+                 "  group_r: [merger=32, vision_attn=8]\noptim:\n  lr_merger: 10\n")
+    cfg = load_config(f, paths + ["lora.group_alpha=merger=64,vision_attn=16", "lora.rslora=true"])
+    validate(cfg)
+    assert cfg.lora.group_r == ["merger=32", "vision_attn=8"]
+    assert group_values("lora.group_alpha", cfg.lora.group_alpha) == {"merger": 64, "vision_attn": 16}
+    assert cfg.optim.lr_merger == 10.0 and cfg.lora.rslora is True
+    # A projector-only stage: no LoRA group, the merger trained fully, the LLM frozen.
+    validate(load_config(None, paths + ["lora.targets=[]", "lora.train_merger_fully=true", "model.freeze_llm=true"]))

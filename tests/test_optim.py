@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vlora.config import OptimArgs
-from vlora.optim import build_optimizer, lr_at
+from vlora.errors import VloraError
+from vlora.optim import build_optimizer, describe_param_groups, lr_at, set_lr
 
 
 def test_warmup_then_cosine():
@@ -32,3 +33,41 @@ def test_adamw_groups_skip_decay_on_vectors():
     opt = build_optimizer([w, b], OptimArgs(weight_decay=0.1), torch.device("cpu"))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert opt.param_groups[0]["params"][0] is w and opt.param_groups[1]["params"][0] is b
+
+
+def test_component_groups_scale_the_lr_and_decay_only_matrices():
+    """Groups by parameter name: llm / merger / vision, each split into decayed matrices and undecayed vectors."""
+    named = [(f"base_model.model.model.{n}", torch.nn.Parameter(torch.ones(*shape))) for n, shape in [
+        ("language_model.layers.0.self_attn.q_proj.lora_A.default.weight", (4, 8)),
+        ("language_model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight", (8,)),
+        ("visual.merger.mlp.0.lora_B.default.weight", (8, 4)),
+        ("visual.merger.modules_to_save.default.mlp.0.bias", (8,)),
+        ("visual.blocks.0.attn.qkv.lora_A.default.weight", (4, 8)),
+    ]]
+    o = OptimArgs(lr=1.0, warmup_steps=0, weight_decay=0.1, lr_llm=0.5, lr_merger=10.0, lr_vision=0.1)
+    opt = build_optimizer(named, o, torch.device("cpu"))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.5, 10.0, 10.0, 0.1])  # lr_at(0) x scale
+    set_lr(opt, 1e-3)
+    got = [(g["name"], g["lr"], g["weight_decay"], [id(p) for p in g["params"]]) for g in opt.param_groups]
+    ids = [id(p) for _, p in named]
+    assert got == [("llm", pytest.approx(5e-4), 0.1, [ids[0]]),
+                   ("llm/no_decay", pytest.approx(5e-4), 0.0, [ids[1]]),
+                   ("merger", pytest.approx(1e-2), 0.1, [ids[2]]),
+                   ("merger/no_decay", pytest.approx(1e-2), 0.0, [ids[3]]),
+                   ("vision", pytest.approx(1e-4), 0.1, [ids[4]])]
+    assert describe_param_groups(opt).startswith("param groups: llm: 32 params lr x0.5 wd 0.1 | llm/no_decay: 8 params")
+    # On resume the config decides multipliers and decay, not the checkpoint (torch would restore the saved ones).
+    resumed = build_optimizer(named, OptimArgs(lr=1.0, warmup_steps=0, lr_merger=2.0), torch.device("cpu"))
+    resumed.load_state_dict(opt.state_dict())
+    set_lr(resumed, 1e-3)
+    assert [(g["lr"], g["weight_decay"]) for g in resumed.param_groups] == [
+        (1e-3, 0.0), (1e-3, 0.0), (2e-3, 0.0), (2e-3, 0.0), (1e-3, 0.0)]
+    other = build_optimizer(named[:4], o, torch.device("cpu"))  # no vision group: not this checkpoint's run
+    with pytest.raises(VloraError, match=r"optimizer groups \[.*'vision'\] differ from this run's"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_unnamed_parameters_cannot_take_component_multipliers():
+    w = torch.nn.Parameter(torch.ones(3, 3))
+    with pytest.raises(VloraError, match="needs the model or named parameters"):
+        build_optimizer([w], OptimArgs(lr_merger=10.0), torch.device("cpu"))

@@ -2,9 +2,11 @@
 
 runs/NAME/step_00000100/
     adapter/adapter_config.json, adapter/adapter_model.safetensors   (PEFT's layout: loadable by plain peft)
-    optimizer.pt                                                      (AdamW state; identical on every DDP rank)
-    train_state.json                                                  (step, world size, skipped-sample count)
-    rank00000.json, rank00001.json, ...                               (each rank's data-stream position)
+    optimizer.rank00000.pt, ...   (AdamW state, sharded: rank r holds the state of parameters r, r+world, ...)
+    train_state.json              (step, world size, counters)
+    rank00000.json, ...           (each rank's data-stream position)
+    rng.rank00000.pt, ...         (each rank's torch / CUDA / numpy / python RNG states: dropout resumes exactly)
+    config.yaml                   (the resolved config of the run that wrote it)
 runs/NAME/latest                                                      (the name of the newest complete folder)
 
 A checkpoint is assembled in a hidden temporary folder and renamed into place in one step, and `latest` is
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +39,41 @@ def _rank_file(folder: Path, rank: int) -> Path:
     return folder / f"rank{rank:05d}.json"
 
 
+def _optim_file(folder: Path, rank: int) -> Path:
+    return folder / f"optimizer.rank{rank:05d}.pt"
+
+
+def _rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng.rank{rank:05d}.pt"
+
+
+def rng_states() -> dict:
+    import random
+
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def shard_optimizer_state(state: dict, rank: int, world_size: int) -> dict:
+    """This rank's share of a replicated optimizer state: the parameters whose index is rank mod world size."""
+    return {"state": {i: v for i, v in state["state"].items() if i % world_size == rank},
+            "param_groups": state["param_groups"]}
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -43,7 +81,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, world: World, peft_model, optimizer, train_state: dict,
-                    rank_state: dict, keep_last: int) -> Path:
+                    rank_state: dict, keep_last: int, config_text: str = "") -> Path:
     """Collective: every rank writes its own state, rank 0 the shared part; then rank 0 publishes the folder."""
     final = step_dir(run_dir, step)
     tmp = run_dir / f".tmp-{final.name}"
@@ -51,11 +89,18 @@ def save_checkpoint(run_dir: Path, step: int, *, world: World, peft_model, optim
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    # Every rank writes its own files: the data position, the RNG states, and its shard of the optimizer state
+    # (replicated under DDP, so each rank writes 1/world of it and the checkpoint's write is spread out).
     _rank_file(tmp, world.rank).write_text(json.dumps(rank_state) + "\n")
+    torch.save(rng_states(), _rng_file(tmp, world.rank))
+    torch.save(shard_optimizer_state(optimizer.state_dict(), world.rank, world.size), _optim_file(tmp, world.rank))
     barrier()
     if world.is_main:
+        # Tests set this to hold a save open long enough to kill it half-way; it is 0 (no pause) otherwise.
+        time.sleep(float(os.environ.get("VLORA_DEBUG_SAVE_PAUSE", "0")))
         save_adapter(peft_model, tmp / "adapter")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if config_text:
+            (tmp / "config.yaml").write_text(config_text)
         state = {"step": step, "world_size": world.size, **train_state}
         (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
         if final.exists():
@@ -89,8 +134,9 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, *, world: World, peft_model, optimizer) -> tuple[dict, dict]:
-    """Restore adapter weights and optimizer state in place; return (train_state, this rank's state)."""
+def load_checkpoint(path: Path, *, world: World, peft_model, optimizer) -> tuple[dict, dict, dict]:
+    """Restore adapter weights and optimizer state in place; return (train_state, this rank's data state, its RNG
+    states). The caller sets the RNG states just before the first step: building data loaders draws from them."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -104,6 +150,12 @@ def load_checkpoint(path: Path, *, world: World, peft_model, optimizer) -> tuple
     result = set_peft_model_state_dict(peft_model, weights)
     if result.unexpected_keys:
         raise VloraError(f"checkpoint {path}: adapter has keys this model lacks, e.g. {result.unexpected_keys[0]}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=world.device, weights_only=True))
+    merged = {"state": {}, "param_groups": None}
+    for r in range(world.size):  # the full state from every rank's shard
+        shard = torch.load(_optim_file(path, r), map_location=world.device, weights_only=True)
+        merged["state"].update(shard["state"])
+        merged["param_groups"] = shard["param_groups"]
+    optimizer.load_state_dict(merged)
+    rng = torch.load(_rng_file(path, world.rank), weights_only=False)
     rank_state = json.loads(_rank_file(path, world.rank).read_text())
-    return train_state, rank_state
+    return train_state, rank_state, rng

@@ -24,20 +24,44 @@ from vlora.errors import VloraError
 @dataclass
 class ModelArgs:
     path: str = ".cache/tiny-qwen2.5-vl"  # local checkpoint folder or hub id of a Qwen2.5-VL model
-    quant: str = "nf4"  # nf4 | fp4 | none: how the LLM's big linears are stored
+    quant: str = "nf4"  # nf4 | fp4 | none: how the LLM's big linears are stored (none = compute_dtype, plain LoRA)
     double_quant: bool = True  # quantize the 4-bit scales too (about 0.4 bit/param saved)
     compute_dtype: str = "auto"  # auto | fp32 | bf16 | fp16: dtype of 4-bit matmuls and unquantized weights
+    quantize_vision: bool = False  # also store the vision blocks' linears in 4 bit (the merger and lm_head never are)
     attn_implementation: str = "sdpa"  # sdpa | eager
-    gradient_checkpointing: bool = False  # recompute LLM layers in backward: less memory, about 30 % more time
+    # Recompute each LLM layer and vision block in backward (non-reentrant): less memory, about 30 % more time.
+    gradient_checkpointing: bool = False
+    # Freeze switches. A frozen component gets no LoRA and no trainable weight; naming one of its groups in
+    # lora.targets (or lora.train_merger_fully for the merger) is an error. An unfrozen component trains only
+    # where lora.targets / lora.train_merger_fully put something. Components: vision = patch embedding + vision
+    # blocks, merger = the vision-language projector (visual.merger), llm = the language model's layers.
+    freeze_vision: bool = True  # the vision tower stays as pretrained unless you unfreeze it explicitly
+    freeze_merger: bool = False
+    freeze_llm: bool = False  # true for a projector-only stage (lora.targets=merger or lora.train_merger_fully)
 
 
 @dataclass
 class LoraArgs:
-    r: int = 16  # LoRA rank
-    alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
-    dropout: float = 0.05
-    # Where adapters go: llm_attn (q/k/v/o), llm_mlp (gate/up/down), merger (vision-language projector).
+    r: int = 16  # LoRA rank of every targeted group without its own entry in group_r
+    alpha: int = 32  # LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)
+    dropout: float = 0.05  # dropout on the LoRA input, in [0, 1)
+    # Where adapters go, by component group: llm_attn (q/k/v/o_proj), llm_mlp (gate/up/down_proj),
+    # merger (visual.merger.mlp.0 and .2), vision_attn (vision blocks' attn.qkv, attn.proj),
+    # vision_mlp (vision blocks' mlp.gate/up/down_proj). Vision groups need model.freeze_vision=false.
     targets: list[str] = field(default_factory=lambda: ["llm_attn", "llm_mlp", "merger"])
+    # Per-group rank and alpha, "group=value" items overriding r / alpha for that group:
+    # lora.group_r=merger=32,vision_attn=8 on the command line, or group_r: [merger=32, vision_attn=8] in YAML.
+    group_r: list[str] = field(default_factory=list)
+    group_alpha: list[str] = field(default_factory=list)
+    rslora: bool = False  # rank-stabilised LoRA: scale = alpha / sqrt(r), so a larger r does not shrink updates
+    dora: bool = False  # weight-decomposed LoRA (DoRA): a trainable magnitude per output feature; ~20-40 % slower
+    # Train the merger's own weights (ln_q, mlp.0, mlp.2; unquantized, fp32 master copy) instead of LoRA on it.
+    # They are saved in the adapter through peft's modules_to_save, so PeftModel.from_pretrained restores them.
+    # Exclusive with 'merger' in targets.
+    train_merger_fully: bool = False
+    # An earlier run's adapter folder (PEFT layout) to start from: weights of modules that both runs train are
+    # loaded, groups new in this run start at their usual init. E.g. a projector-only stage, then a joint one.
+    init_from: str = ""
 
 
 @dataclass
@@ -61,7 +85,12 @@ class OptimArgs:
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     warmup_steps: int = 10
     max_steps: int = 100  # optimizer steps
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW decay on matrices; never on norms, biases, DoRA magnitudes (1-D tensors)
+    # Learning-rate multipliers per component (lr_at(step) x multiplier); e.g. a projector trained faster than
+    # the LLM (lr_merger: 5-10) and a vision tower slower (lr_vision: 0.1).
+    lr_llm: float = 1.0
+    lr_merger: float = 1.0
+    lr_vision: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -105,7 +134,9 @@ class Config:
         return Path(self.run.out_dir) / self.run.name
 
 
-LORA_TARGETS = ("llm_attn", "llm_mlp", "merger")
+# LoRA component groups, each with the component whose freeze switch (model.freeze_<component>) governs it.
+LORA_GROUPS = {"llm_attn": "llm", "llm_mlp": "llm", "merger": "merger", "vision_attn": "vision", "vision_mlp": "vision"}
+LORA_TARGETS = tuple(LORA_GROUPS)
 CHOICES = {
     "model.quant": ("nf4", "fp4", "none"),
     "model.compute_dtype": ("auto", "fp32", "bf16", "fp16"),
@@ -203,6 +234,62 @@ class Plan:
     grad_accum: int  # micro-steps per optimizer step on each rank
 
 
+def group_values(key: str, items: list[str]) -> dict[str, int]:
+    """`lora.group_r` / `lora.group_alpha` items ("merger=32") as {group: value}; a malformed item is an error."""
+    out = {}
+    for item in items:
+        group, eq, value = item.partition("=")
+        group = group.strip()
+        if not eq or not re.fullmatch(r"\s*\d+\s*", value):
+            raise VloraError(f"config key '{key}' item '{item}' must look like group=integer, e.g. merger=32")
+        if group not in LORA_GROUPS:
+            raise VloraError(f"config key '{key}' names group '{group}'; choose from {', '.join(LORA_TARGETS)}")
+        out[group] = int(value)
+    return out
+
+
+def _check_model_lora_optim(cfg: Config) -> None:
+    """Where LoRA goes, what is frozen, what trains fully, and the per-component learning rates agree."""
+    lora, model = cfg.lora, cfg.model
+    for target in lora.targets:
+        if target not in LORA_GROUPS:
+            raise VloraError(f"lora.targets has '{target}'; choose from {', '.join(LORA_TARGETS)}")
+    if not lora.targets and not lora.train_merger_fully:
+        raise VloraError("lora.targets is empty and lora.train_merger_fully=false: nothing would train")
+    for target in lora.targets:
+        component = LORA_GROUPS[target]
+        if getattr(model, f"freeze_{component}"):
+            raise VloraError(f"lora.targets has '{target}' but model.freeze_{component}=true; set "
+                             f"model.freeze_{component}=false or drop '{target}' from lora.targets")
+    if lora.train_merger_fully:
+        if model.freeze_merger:
+            raise VloraError("lora.train_merger_fully=true but model.freeze_merger=true; set only one")
+        if "merger" in lora.targets:
+            raise VloraError("lora.train_merger_fully=true trains the merger's own weights; drop 'merger' from "
+                             "lora.targets (LoRA on a fully trained module is redundant)")
+    for key in ("lora.group_r", "lora.group_alpha"):
+        for group, value in group_values(key, getattr(lora, key.split(".")[1])).items():
+            if group not in lora.targets:
+                raise VloraError(f"config key '{key}' sets '{group}', which lora.targets does not place "
+                                 f"({', '.join(lora.targets) or 'none'})")
+            if value <= 0:
+                raise VloraError(f"config key '{key}' gives '{group}' {value}; it must be positive")
+    if lora.alpha <= 0:
+        raise VloraError(f"config key 'lora.alpha' must be positive, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise VloraError(f"config key 'lora.dropout' must lie in [0, 1), got {lora.dropout}")
+    if lora.init_from:
+        folder = Path(lora.init_from)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (folder / name).is_file():
+                raise VloraError(f"lora.init_from '{lora.init_from}' is not an adapter folder (no {name}); "
+                                 "give a run's adapter/ or a checkpoint's step_*/adapter/ folder")
+    for key in ("lr_llm", "lr_merger", "lr_vision"):
+        if getattr(cfg.optim, key) <= 0:
+            raise VloraError(f"config key 'optim.{key}' must be positive, got {getattr(cfg.optim, key)}; "
+                             "freeze a component with model.freeze_* instead")
+
+
 def validate(cfg: Config, world_size: int = 1) -> Plan:
     """Check everything that can be checked without a model; return the batch arithmetic."""
     for key, allowed in CHOICES.items():
@@ -210,11 +297,7 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise VloraError(f"config key '{key}' is '{value}'; choose one of {', '.join(allowed)}")
-    for target in cfg.lora.targets:
-        if target not in LORA_TARGETS:
-            raise VloraError(f"lora.targets has '{target}'; choose from {', '.join(LORA_TARGETS)}")
-    if not cfg.lora.targets:
-        raise VloraError("lora.targets is empty: nothing would train")
+    _check_model_lora_optim(cfg)
     positive = {
         "lora.r": cfg.lora.r, "optim.max_steps": cfg.optim.max_steps, "optim.global_batch": cfg.optim.global_batch,
         "optim.micro_batch": cfg.optim.micro_batch, "data.max_length": cfg.data.max_length,

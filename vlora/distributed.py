@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -69,3 +70,29 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class PreemptionSignal:
+    """Remembers that SIGTERM or SIGUSR1 arrived (Slurm's pre-emption warning, torchrun forwarding a stop).
+
+    The handler only sets a flag: the loop finishes the step it is in, agrees with the other ranks (one of them
+    may have been signalled first), saves and exits. A second signal of the same kind is not special.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
+
+    def restore(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)

@@ -1,12 +1,18 @@
 """The model: a Qwen2.5-VL base (4-bit LLM linears via bitsandbytes, or unquantized), LoRA via peft, adapter I/O.
 
-Speed habits that live here: the vision tower and lm_head stay unquantized and frozen, no module is up-cast to
-fp32 (no `prepare_model_for_kbit_training`), and the loss projects only the supervised positions through lm_head,
-so a 151k-token vocabulary costs logits for the answer tokens, not for every image and prompt token.
+LoRA goes where `lora.targets` says, by component group (llm_attn, llm_mlp, merger, vision_attn, vision_mlp), with
+per-group rank and alpha; `model.freeze_*` (checked in config.validate) keep whole components free of anything
+trainable; `lora.train_merger_fully` trains the projector's own weights through peft's modules_to_save.
+
+Speed habits that live here: the vision tower and lm_head stay unquantized and frozen, no frozen module is up-cast
+to fp32 (no `prepare_model_for_kbit_training`), a frozen vision tower records no autograd graph (also with
+checkpointing), and the loss projects only the supervised positions through lm_head, so a 151k-token vocabulary
+costs logits for the answer tokens, not for every image and prompt token.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -14,16 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlora.config import Config, looks_like_hub_id
+from vlora.config import Config, group_values, looks_like_hub_id
 from vlora.errors import VloraError
 
-# peft matches a string target against each module's full name. The vision blocks also have
-# gate/up/down_proj, so the LLM patterns are anchored on `language_model`.
+# LoRA component groups (config.LORA_GROUPS) as regexes over module names relative to the transformers model.
+# peft full-matches a string `target_modules` against each module's name, and matches rank/alpha pattern keys as
+# `(.*\.)?(KEY)$`, so one anchored regex per group serves both. The vision blocks have gate/up/down_proj too:
+# the LLM patterns are anchored on `language_model`, the vision ones on `visual.blocks`.
 TARGET_PATTERNS = {
     "llm_attn": r".*\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
     "llm_mlp": r".*\.language_model\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)",
     "merger": r".*\.visual\.merger\.mlp\.(0|2)",
+    "vision_attn": r".*\.visual\.blocks\.\d+\.attn\.(qkv|proj)",
+    "vision_mlp": r".*\.visual\.blocks\.\d+\.mlp\.(gate_proj|up_proj|down_proj)",
 }
+# peft wraps a module whose name ends with this in a ModulesToSaveWrapper (lora.train_merger_fully).
+MERGER_MODULE = "visual.merger"
 # Kept in the compute dtype: quantizing the vision tower saves little memory and costs accuracy and speed,
 # and a 4-bit lm_head would quantize the one layer every logit goes through.
 UNQUANTIZED_MODULES = ["model.visual", "lm_head"]
@@ -49,6 +61,16 @@ def load_processor(path: str):
         raise _load_error(path, e) from None
 
 
+def unquantized_modules(cfg: Config) -> list[str]:
+    """Module-name prefixes bitsandbytes leaves alone: the vision tower (unless model.quantize_vision) and lm_head.
+
+    The merger stays unquantized either way: it is small, and lora.train_merger_fully trains its weights.
+    """
+    if cfg.model.quantize_vision:
+        return ["model.visual.merger", "lm_head"]
+    return list(UNQUANTIZED_MODULES)
+
+
 def quantization_config(cfg: Config, compute_dtype: torch.dtype):
     if cfg.model.quant == "none":
         return None
@@ -59,7 +81,7 @@ def quantization_config(cfg: Config, compute_dtype: torch.dtype):
         bnb_4bit_quant_type=cfg.model.quant,
         bnb_4bit_use_double_quant=cfg.model.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=UNQUANTIZED_MODULES,
+        llm_int8_skip_modules=unquantized_modules(cfg),
     )
 
 
@@ -100,30 +122,200 @@ def keep_training_layout(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def apply_lora(base: nn.Module, cfg: Config) -> nn.Module:
-    """Wrap the base in peft LoRA adapters at the configured component groups; adapters train in fp32."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(cfg: Config):
+    """peft's LoraConfig for the configured groups.
 
-    lora = LoraConfig(
+    One regex over all targeted groups; per-group rank and alpha through `rank_pattern` / `alpha_pattern`, keyed by
+    the same group regexes (disjoint, so peft's first-match lookup cannot pick the wrong group). All of it lands in
+    adapter_config.json, so plain `PeftModel.from_pretrained` rebuilds the same layers.
+    """
+    from peft import LoraConfig
+    from peft.utils.constants import DUMMY_TARGET_MODULES
+
+    targets = list(dict.fromkeys(cfg.lora.targets))
+    ranks = group_values("lora.group_r", cfg.lora.group_r)
+    alphas = group_values("lora.group_alpha", cfg.lora.group_alpha)
+    return LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=target_regex(cfg.lora.targets),
+        # No LoRA group at all (a projector-only stage with lora.train_merger_fully): peft refuses a config that
+        # adapts nothing, except under its own placeholder name, which plain peft also accepts on loading.
+        target_modules=target_regex(targets) if targets else DUMMY_TARGET_MODULES,
+        rank_pattern={TARGET_PATTERNS[g]: r for g, r in ranks.items()},
+        alpha_pattern={TARGET_PATTERNS[g]: a for g, a in alphas.items()},
+        use_rslora=cfg.lora.rslora,
+        use_dora=cfg.lora.dora,
+        modules_to_save=[MERGER_MODULE] if cfg.lora.train_merger_fully else None,
         bias="none",
     )
+
+
+def apply_lora(base: nn.Module, cfg: Config) -> nn.Module:
+    """Wrap the base in peft LoRA adapters at the configured component groups; what trains is kept in fp32."""
+    from peft import get_peft_model
+
     with warnings.catch_warnings():
         # peft 0.21 asks transformers 5 for a renamed attribute; the deprecation notice is peft's to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(base, lora, autocast_adapter_dtype=True)
-    if cfg.model.gradient_checkpointing:
-        # Non-reentrant checkpointing propagates gradients to LoRA weights without forcing the inputs to
-        # require grad, so the frozen vision tower does not start recording a graph.
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(base, lora_config(cfg), autocast_adapter_dtype=True)
+    if cfg.lora.train_merger_fully:
+        # peft trains a copy of the merger in the base dtype; with bf16 weights AdamW's small updates round away.
+        # The copy is tiny, so it trains in fp32 (transformers casts the image features to the text dtype).
+        for copy in base.model.visual.merger.modules_to_save.values():
+            copy.float()
+    set_gradient_checkpointing(base, cfg.model.gradient_checkpointing)
     return model
 
 
+def set_gradient_checkpointing(base: nn.Module, enabled: bool) -> None:
+    """Non-reentrant activation checkpointing of every LLM decoder layer and every vision block, or none.
+
+    transformers (like peft for an unquantized base) also hooks the token and patch embeddings so that their outputs
+    require grad. Only reentrant checkpointing needs that, and the hook on the patch embedding would make a frozen
+    vision tower record its whole autograd graph (activations kept for a backward that never reaches a weight). With
+    non-reentrant checkpointing LoRA weights inside a checkpointed layer get their gradients without it, so the hooks
+    are removed.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*", category=FutureWarning)
+        if enabled:
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
+    base.disable_input_require_grads()
+
+
+def weight_group(name: str) -> str:
+    """The LoRA group of a parameter name or saved adapter key; `merger_full` for lora.train_merger_fully weights."""
+    if "lora_" not in name and f".{MERGER_MODULE}." in name:
+        return "merger_full"
+    for group, pattern in TARGET_PATTERNS.items():
+        if re.match(pattern + r"\.", name):
+            return group
+    return "other"
+
+
+def param_component(name: str) -> str:
+    """llm | merger | vision: the component (freeze switch, learning-rate multiplier) a parameter belongs to."""
+    if f".{MERGER_MODULE}." in name:
+        return "merger"
+    if ".visual." in name:
+        return "vision"
+    return "llm"
+
+
+def describe_lora(peft_model: nn.Module) -> list[str]:
+    """One log line per trained group (modules, rank, alpha, scale, DoRA) and one for a fully trained merger."""
+    from peft.tuners.lora import LoraLayer
+
+    groups: dict[str, list] = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            a = module.active_adapters[0]
+            groups.setdefault(weight_group(name + "."), []).append(
+                (module.r[a], module.lora_alpha[a], module.scaling[a], module.use_dora.get(a, False)))
+    lines = []
+    for group in TARGET_PATTERNS:
+        if group in groups:
+            desc = ", ".join(f"r={r} alpha={a} scale={s:.4g}{' DoRA' if d else ''}"
+                             for r, a, s, d in sorted(set(groups[group])))
+            lines.append(f"lora {group}: {len(groups[group])} modules, {desc}")
+    n_full = sum(p.numel() for n, p in peft_model.named_parameters()
+                 if p.requires_grad and weight_group(n) == "merger_full")
+    if n_full:
+        lines.append(f"merger trains fully (modules_to_save): {n_full:,} parameters in fp32")
+    return lines
+
+
+def load_init_adapter(peft_model: nn.Module, path: str | Path) -> dict[str, dict[str, int]]:
+    """Start from an earlier run's adapter: load every tensor this run also trains, leave new groups at their init.
+
+    Returns {"loaded": {group: n tensors}, "new": {group: n tensors}}. Raises VloraError when a tensor has another
+    shape here (another rank) or when the folder holds weights this run does not train: the new adapter would
+    silently lose them (e.g. a merger trained fully in stage 1 needs lora.train_merger_fully in stage 2 too).
+    A DoRA layer whose earlier adapter was plain LoRA gets its magnitude recomputed from the loaded A and B,
+    so the model starts as the earlier adapter left it.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    device = next(p for p in peft_model.parameters() if p.requires_grad).device
+    saved = load_file(Path(path) / "adapter_model.safetensors", device=str(device))
+    own = get_peft_model_state_dict(peft_model)
+    unused = sorted(set(saved) - set(own))
+    if unused:
+        groups = sorted({weight_group(k) for k in unused})
+        raise VloraError(
+            f"lora.init_from '{path}' has {len(unused)} tensor(s) this run does not train ({', '.join(groups)}; "
+            f"e.g. {unused[0]}); train those groups too (lora.targets, lora.train_merger_fully, lora.dora) or the "
+            "new adapter would lose them")
+    for key, value in saved.items():
+        if value.shape != own[key].shape:
+            raise VloraError(
+                f"lora.init_from '{path}': {key} has shape {tuple(value.shape)}, this run's has "
+                f"{tuple(own[key].shape)}; give {weight_group(key)} the rank it had (lora.r / lora.group_r)")
+    set_peft_model_state_dict(peft_model, saved)
+    for key in own:
+        lora_a = key.replace("lora_magnitude_vector", "lora_A.weight")
+        if key.endswith(".lora_magnitude_vector") and key not in saved and lora_a in saved:
+            layer = peft_model.get_submodule(key.rsplit(".", 1)[0])
+            adapter = layer.active_adapters[0]
+            magnitude = layer.lora_magnitude_vector[adapter]
+            dtype = magnitude.weight.dtype
+            with torch.no_grad():
+                magnitude.update_layer(base_layer=layer.get_base_layer(), lora_A=layer.lora_A[adapter].weight,
+                                       lora_B=layer.lora_B[adapter].weight, scaling=layer.scaling[adapter])
+            magnitude.weight.data = magnitude.weight.data.to(dtype)
+    report: dict[str, dict[str, int]] = {"loaded": {}, "new": {}}
+    for key in own:
+        bucket = report["loaded" if key in saved else "new"]
+        group = weight_group(key)
+        bucket[group] = bucket.get(group, 0) + 1
+    return report
+
+
 def build_model(cfg: Config, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
-    return apply_lora(load_base_model(cfg, device, compute_dtype), cfg)
+    """The base with LoRA placed, frozen where configured, optionally started from an earlier adapter; logs all."""
+    from vlora.metrics import log
+
+    model = apply_lora(load_base_model(cfg, device, compute_dtype), cfg)
+    for line in describe_lora(model):
+        log.info(line)
+    if cfg.lora.init_from:
+        report = load_init_adapter(model, cfg.lora.init_from)
+        fmt = lambda d: ", ".join(f"{g} ({n} tensors)" for g, n in d.items()) or "nothing"  # noqa: E731
+        log.info("lora.init_from %s: loaded %s; new, at their init: %s", cfg.lora.init_from, fmt(report["loaded"]),
+                 fmt(report["new"]))
+    return model
+
+
+def check_all_trainable_get_grads(loss_fn: nn.Module, batch: dict[str, torch.Tensor]):
+    """One forward and backward; return (loss, {name: grad}) or raise VloraError naming the trainable parameters
+    whose gradient is None or all zero.
+
+    Use a batch with images when vision groups or the merger train (a text-only batch reaches them with zero
+    gradients by design), and LoRA B weights that are not all zero (at peft's init B = 0, so A's gradient is 0).
+    The gradients are cloned and the model's own .grad fields are cleared again.
+    """
+    model = loss_fn.peft_model
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(batch)
+    loss.backward()
+    grads = {n: None if p.grad is None else p.grad.detach().clone()
+             for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    missing = [n for n, g in grads.items() if g is None]
+    zero = [n for n, g in grads.items() if g is not None and not torch.count_nonzero(g)]
+    if missing or zero:
+        raise VloraError(f"{len(missing)} trainable tensor(s) got no gradient and {len(zero)} an all-zero one, "
+                         f"e.g. {(missing or zero)[0]}")
+    return loss.detach(), grads
 
 
 class SupervisedLoss(nn.Module):

@@ -28,22 +28,92 @@ def lr_at(step: int, o: OptimArgs) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - min_lr)
 
 
-def build_optimizer(params: list[torch.nn.Parameter], o: OptimArgs, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only; no decay on 1-D tensors (norms, biases, DoRA magnitudes)."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+COMPONENTS = ("llm", "merger", "vision")  # each with its multiplier optim.lr_<component>
+
+
+def param_groups(named_params, o: OptimArgs) -> list[dict]:
+    """AdamW parameter groups: one per component (llm, merger, vision) and decay class, empty ones left out.
+
+    Each group carries `name`, `lr_scale` (optim.lr_<component>) and `weight_decay`: optim.weight_decay on
+    matrices, 0 on 1-D tensors (norms, biases, DoRA magnitudes), which decay would only pull towards zero.
+    """
+    from vlora.model import param_component
+
+    buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, p in named_params:
+        if p.requires_grad:
+            buckets.setdefault((param_component(name), p.ndim >= 2), []).append(p)
+    groups = []
+    for component in COMPONENTS:
+        for decays in (True, False):
+            if (component, decays) in buckets:
+                groups.append({
+                    "params": buckets[component, decays],
+                    "name": component if decays else f"{component}/no_decay",
+                    "lr_scale": getattr(o, f"lr_{component}"),
+                    "weight_decay": o.weight_decay if decays else 0.0,
+                })
+    return groups
+
+
+def build_optimizer(params, o: OptimArgs, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over what trains, grouped by component for per-component learning rates (see `param_groups`).
+
+    `params` is the model (its parameters that require grad are taken) or (name, parameter) pairs. Bare
+    parameters without names cannot be told apart: they form one group at multiplier 1 (decay still by shape),
+    and an optim.lr_<component> other than 1 is then an error rather than silently ignored.
+    """
+    if isinstance(params, torch.nn.Module):
+        named = list(params.named_parameters())
+    else:
+        items = list(params)
+        if items and isinstance(items[0], torch.Tensor):
+            scales = {c: getattr(o, f"lr_{c}") for c in COMPONENTS}
+            if any(v != 1.0 for v in scales.values()):
+                raise VloraError("build_optimizer needs the model or named parameters to apply "
+                                 f"optim.lr_<component> multipliers {scales}")
+            named = [(f"param{i}", p) for i, p in enumerate(items)]  # all "llm": one multiplier of 1
+        else:
+            named = items
+    groups = param_groups(named, o)
+    if not groups:
+        raise VloraError("no parameter requires grad: nothing to optimize")
+    for group in groups:
+        group["lr"] = lr_at(0, o) * group["lr_scale"]
     # The fused kernel is one launch for all parameters on a GPU; the CPU keeps the default implementation.
-    return torch.optim.AdamW(
-        groups, lr=lr_at(0, o), betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda"
-    )
+    optimizer = torch.optim.AdamW(groups, lr=lr_at(0, o), betas=(o.beta1, o.beta2), eps=o.eps,
+                                  fused=device.type == "cuda")
+    optimizer.register_load_state_dict_pre_hook(_keep_config_groups)
+    return optimizer
+
+
+def _keep_config_groups(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """On resume the config, not the checkpoint, decides each group's multiplier and decay (torch would restore the
+    saved ones); a checkpoint grouped differently (other targets or freeze switches) is refused by name."""
+    ours = [g.get("name") for g in optimizer.param_groups]
+    saved = [g.get("name") for g in state_dict["param_groups"]]
+    if ours != saved:
+        raise VloraError(f"the checkpoint's optimizer groups {saved} differ from this run's {ours}; resume with the "
+                         "same lora.targets, lora.train_merger_fully and model.freeze_* settings")
+    groups = [dict(g, lr_scale=mine.get("lr_scale", 1.0), weight_decay=mine["weight_decay"])
+              for g, mine in zip(state_dict["param_groups"], optimizer.param_groups)]
+    return dict(state_dict, param_groups=groups)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The step's rate for every group: lr x the group's component multiplier."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def describe_param_groups(optimizer: torch.optim.Optimizer) -> str:
+    """One log line: each group's name, parameter count, lr multiplier and weight decay."""
+    parts = []
+    for i, group in enumerate(optimizer.param_groups):
+        n = sum(p.numel() for p in group["params"])
+        parts.append(f"{group.get('name', f'group{i}')}: {n:,} params lr x{group.get('lr_scale', 1.0):g} "
+                     f"wd {group['weight_decay']:g}")
+    return "param groups: " + " | ".join(parts)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -19,13 +19,25 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from vlora.config import Config, Plan, load_config, save_config, to_dict, validate
-from vlora.distributed import World, all_reduce_sum, barrier, cleanup, init_distributed, world_size_from_env
+from vlora.distributed import (
+    PreemptionSignal, World, all_reduce_sum, barrier, cleanup, init_distributed, world_size_from_env,
+)
 from vlora.errors import VloraError
-from vlora.metrics import Metrics, log, peak_memory_gib, setup_logging
+from vlora.metrics import Metrics, log, peak_memory_gib, plot_curves, setup_logging
+
+
+# What a pre-empted run exits with, as a process killed by SIGTERM would (128 + 15): not done, not failed.
+# Under torchrun, launch/slurm.sbatch goes by runs/NAME/PREEMPTED instead (torchrun reports its own status).
+EXIT_PREEMPTED = 143
+
+
+class Preempted(Exception):
+    """Raised after the pre-emption checkpoint is written; main() turns it into EXIT_PREEMPTED."""
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -84,13 +96,16 @@ def train(cfg: Config, plan: Plan) -> dict:
     """Train under the current process group (or alone) and return what tests and the demo report."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from vlora.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+    from vlora.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_states
     from vlora.data.collate import Collator
     from vlora.data.stream import heldout_batches, parse_sources, train_loader
     from vlora.model import SupervisedLoss, build_model, load_processor, save_adapter
-    from vlora.optim import build_optimizer, lr_at, resolve_compute_dtype, resolve_precision, set_lr
+    from vlora.optim import (
+        build_optimizer, describe_param_groups, lr_at, resolve_compute_dtype, resolve_precision, set_lr,
+    )
 
     # ---- world, precision, run folder ----
+    preemption = PreemptionSignal()  # from the start: a signal during loading stops the run at the first step
     world = init_distributed(cfg.run.dist_timeout_s)
     setup_logging(world.rank, world.size)
     precision = resolve_precision(cfg, world.device)
@@ -118,19 +133,25 @@ def train(cfg: Config, plan: Plan) -> dict:
     net = loss_fn
     if world.distributed:
         # DDP would broadcast every frozen weight from rank 0 at start (the whole 4-bit base, across nodes) and
-        # the constant buffers at every step; all ranks load them identically, so only what trains is its business.
+        # the constant buffers at every step; all ranks load them identically, so only what trains is its business
+        # (ignored buffers are never broadcast).
         frozen = [n for n, p in loss_fn.named_parameters() if not p.requires_grad]
         DDP._set_params_and_buffers_to_ignore_for_model(loss_fn, frozen + [n for n, _ in loss_fn.named_buffers()])
         net = DDP(loss_fn, device_ids=[world.device.index] if world.device.type == "cuda" else None,
-                  broadcast_buffers=False, gradient_as_bucket_view=True)
-    optimizer = build_optimizer(params, cfg.optim, world.device)
+                  gradient_as_bucket_view=True)
+    optimizer = build_optimizer(peft_model, cfg.optim, world.device)
+    log.info(describe_param_groups(optimizer))
     scaler = precision.grad_scaler()
 
     # ---- resume: adapter, optimizer, step and this rank's data position ----
-    start_step, skipped_before, data_state = 0, 0, None
+    start_step, counters, data_state, rng = 0, {"skipped_samples": 0, "skipped_steps": 0}, None, None
     if resume_from is not None:
-        train_state, rank_state = load_checkpoint(resume_from, world=world, peft_model=peft_model, optimizer=optimizer)
-        start_step, skipped_before, data_state = train_state["step"], train_state["skipped_samples"], rank_state["data"]
+        train_state, rank_state, rng = load_checkpoint(resume_from, world=world, peft_model=peft_model,
+                                                       optimizer=optimizer)
+        start_step, data_state = train_state["step"], rank_state["data"]
+        counters = {k: train_state.get(k, 0) for k in counters}
+        if scaler is not None and "grad_scaler" in train_state:
+            scaler.load_state_dict(train_state["grad_scaler"])
         log.info("resumed from %s at step %d", resume_from, start_step)
 
     # ---- data ----
@@ -158,15 +179,23 @@ def train(cfg: Config, plan: Plan) -> dict:
         metrics.write({"step": 0, "val_loss": val_losses[0]})
         metrics.info(f"step     0 | held-out loss {val_losses[0]:.4f}")
 
-    skipped = torch.full((), skipped_before, dtype=torch.float64, device=world.device)  # all ranks' too-long samples
+    skipped = torch.full((), counters["skipped_samples"], dtype=torch.float64, device=world.device)  # all ranks'
+    skipped_steps = counters["skipped_steps"]  # non-finite or fp16-overflow steps whose update was not applied
 
-    def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, step, world=world, peft_model=peft_model, optimizer=optimizer,
-                        train_state={"skipped_samples": int(skipped)}, rank_state={"data": batches.state_dict()},
-                        keep_last=cfg.run.keep_last)
+    def checkpoint(step: int, data_position: dict | None = None) -> Path:
+        train_state = {"skipped_samples": int(skipped), "skipped_steps": skipped_steps}
+        if scaler is not None:
+            train_state["grad_scaler"] = scaler.state_dict()
+        return save_checkpoint(run_dir, step, world=world, peft_model=peft_model, optimizer=optimizer,
+                               train_state=train_state, rank_state={"data": data_position or batches.state_dict()},
+                               keep_last=cfg.run.keep_last, config_text=(run_dir / "config.yaml").read_text())
 
     # ---- the loop ----
     loss_fn.train()  # from_pretrained returns eval mode: LoRA dropout and gradient checkpointing need train mode
+    bad_in_a_row = 0
+    nan_steps = {int(x) for x in os.environ.get("VLORA_DEBUG_NAN_STEPS", "").split(",") if x}  # tests only
+    if rng is not None:
+        set_rng_states(rng)  # now, after the loaders drew their seeds: dropout continues exactly where it stopped
     # Sums since the last log line; reading them (.item()) syncs with the device, so only on log steps.
     window_loss = torch.zeros((), dtype=torch.float64, device=world.device)
     window_counts = torch.zeros(2, dtype=torch.float64, device=world.device)  # supervised tokens, all tokens
@@ -175,17 +204,29 @@ def train(cfg: Config, plan: Plan) -> dict:
     for step in range(start_step, cfg.optim.max_steps):
         lr = lr_at(step, cfg.optim)
         set_lr(optimizer, lr)
+        position = batches.state_dict()  # where this step's data starts: what a pre-emption save must record
         micro_batches = [next(batches) for _ in range(plan.grad_accum)]
-        trace.write("keys", {"step": step + 1, "keys": [k for b in micro_batches for k in b["keys"]]})
 
-        # The step's global counts, known before any forward: the loss divisor, the throughput numerator and
-        # the samples skipped (too long) on every rank, in one all-reduce.
+        # The step's global counts, known before any forward: the loss divisor, the throughput numerator, the
+        # samples skipped (too long) and whether any rank was told to stop, all in one all-reduce.
         counts = torch.tensor([sum(b["loss_index"].numel() for b in micro_batches),
                                sum(b["n_tokens"] for b in micro_batches),
-                               sum(b.pop("skipped") for b in micro_batches)],
+                               sum(b.pop("skipped") for b in micro_batches),
+                               float(preemption.received is not None)],
                               dtype=torch.float64, device=world.device)
         all_reduce_sum(counts)
+        if counts[3] > 0:  # every rank sees the same sum, so all stop after the same completed step
+            path = checkpoint(step, data_position=position)
+            if world.is_main:
+                (run_dir / "PREEMPTED").write_text(f"{step}\n")
+            log.warning("pre-empted (%s) after step %d: checkpoint %s; continue with run.resume=auto",
+                        preemption.name or "another rank", step, path)
+            metrics.close()
+            trace.close()
+            raise Preempted(step)
+        trace.write("keys", {"step": step + 1, "keys": [k for b in micro_batches for k in b["keys"]]})
         global_supervised = counts[0].clamp(min=1)
+        step_loss = torch.zeros((), dtype=torch.float64, device=world.device)
 
         for i, batch in enumerate(micro_batches):
             last = i == plan.grad_accum - 1
@@ -196,22 +237,50 @@ def train(cfg: Config, plan: Plan) -> dict:
                     loss_sum = net(to_device(batch, world.device))
                 # DDP averages gradients over ranks; multiplying by world size turns that into a sum,
                 # so the result is sum(loss) / global_supervised exactly.
+                if step + 1 in nan_steps:
+                    loss_sum = loss_sum * float("nan")
                 loss = loss_sum * (world.size / global_supervised)
                 (scaler.scale(loss) if scaler else loss).backward()
-            window_loss += loss_sum.detach()
+            step_loss += loss_sum.detach()
 
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-        if scaler:
+        # The step's one host sync. Gradients are all-reduced, so every rank computes the same norm and takes the
+        # same decision; a rank's own loss may be finite while another's is not, so the loss goes by the norm too.
+        loss_ok, norm_ok = torch.isfinite(torch.stack([step_loss, grad_norm.double()])).tolist()
+        done = step + 1
+        if scaler is not None and loss_ok and not norm_ok:
+            # fp16 overflow: GradScaler skips this update and lowers its scale; normal early in a run.
             scaler.step(optimizer)
             scaler.update()
+            skipped_steps += 1
+        elif not (loss_ok and norm_ok):
+            bad_in_a_row += 1
+            skipped_steps += 1
+            if scaler:
+                scaler.update()
+            log.warning("step %d: non-finite %s; update skipped (%d in a row)", done,
+                        "loss" if not loss_ok else "gradient norm", bad_in_a_row)
+            if bad_in_a_row >= cfg.run.max_bad_steps:
+                optimizer.zero_grad(set_to_none=True)
+                path = checkpoint(done)
+                raise VloraError(
+                    f"{bad_in_a_row} non-finite steps in a row (steps {done - bad_in_a_row + 1}-{done}): stopped, "
+                    f"checkpoint {path}; lower optim.lr, raise optim.warmup_steps or check the data, then resume"
+                )
         else:
-            optimizer.step()
+            bad_in_a_row = 0
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        window_steps += 1
-        window_counts += counts[:2]
+        if loss_ok:
+            window_loss += step_loss
+            window_counts += counts[:2]
+            window_steps += 1
         skipped += counts[2]
         metrics.tick()
         if trace.digests:
@@ -222,10 +291,11 @@ def train(cfg: Config, plan: Plan) -> dict:
             elapsed = time.perf_counter() - window_start
             supervised, tokens = window_counts.tolist()
             metrics.step({
-                "step": done, "loss": window_loss.item() / max(supervised, 1), "lr": lr,
+                "step": done, "loss": window_loss.item() / supervised if supervised else float("nan"), "lr": lr,
                 "grad_norm": grad_norm.item(), "tokens_per_s": tokens / elapsed,
                 "samples_per_s": window_steps * cfg.optim.global_batch / elapsed,
                 "peak_mem_gib": peak_memory_gib(world.device), "skipped_samples": int(skipped),
+                "skipped_steps": skipped_steps,
             })
             window_loss.zero_()
             window_counts.zero_()
@@ -245,13 +315,17 @@ def train(cfg: Config, plan: Plan) -> dict:
         val_losses[last_step] = evaluate(loss_fn, heldout, world, precision)
         metrics.write({"step": last_step, "val_loss": val_losses[last_step]})
     checkpoint(last_step)
+    preemption.restore()
     adapter_dir = run_dir / "adapter"
     if world.is_main:
         save_adapter(peft_model, adapter_dir)
         processor.save_pretrained(str(adapter_dir))  # the adapter folder is self-contained for inference
+        (run_dir / "PREEMPTED").unlink(missing_ok=True)
     barrier()
     metrics.close()
     trace.close()
+    if world.is_main and cfg.run.plot:
+        plot_curves(run_dir)
     result = {"val_losses": val_losses, "adapter_dir": adapter_dir, "skipped_samples": int(skipped),
               "peft_model": peft_model, "collator": collator, "world": world}
     if world.is_main and 0 in val_losses:
@@ -277,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = validate(cfg, world_size_from_env())  # before any model loads or process group forms
         started = True
         train(cfg, plan)
+    except Preempted:
+        return EXIT_PREEMPTED
     except VloraError as e:
         rank = int(os.environ.get("RANK", "0"))
         # Config errors are the same on every rank: one line, from rank 0. Later ones may differ per rank.

@@ -393,6 +393,16 @@ class TrainStream(IterableDataset):
 # --- the main process's view ------------------------------------------------------------------------
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Data workers leave SIGTERM / SIGUSR1 to the training process. torchrun and Slurm signal the whole process
+    group; a worker that died of it would fail the step that the trainer is finishing before it saves. The
+    workers end when the trainer does (DataLoader shuts them down, and they watch their parent)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Loader:
     """Iterator over one rank's micro-batches that knows the exact position of what it has handed out.
 
@@ -403,9 +413,13 @@ class Loader:
     def __init__(self, stream: TrainStream, *, num_workers: int, consumed: int = 0, header: dict):
         self.stream, self.consumed, self.header = stream, consumed, header
         self.readers = [dict(s) for s in stream.states]
+        # A generator of its own: starting the workers then draws nothing from the global RNG, whose state
+        # (LoRA dropout) a resumed run restores and must find untouched.
         self._loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
                                   pin_memory=torch.cuda.is_available(),
-                                  prefetch_factor=4 if num_workers > 0 else None)
+                                  prefetch_factor=4 if num_workers > 0 else None,
+                                  generator=torch.Generator().manual_seed(0),
+                                  worker_init_fn=ignore_stop_signals)
         self._it = None
 
     def __iter__(self) -> Loader:

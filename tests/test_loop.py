@@ -1,0 +1,126 @@
+"""The loop's arithmetic and its stops: accumulation and world size do not change the update; a pre-empted and
+resumed run is the uninterrupted run; non-finite steps are skipped, and too many in a row stop the run."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from test_train import clean_env, read_jsonl, run_overrides, torchrun, train_in_process
+
+
+def step_records(run_dir):
+    return {r["step"]: r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def adapter_weights(run_dir):
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_run(a, b, *, steps, rtol):
+    ra, rb = step_records(a), step_records(b)
+    assert sorted(ra) == sorted(rb) == list(range(1, steps + 1))
+    for s in ra:
+        assert ra[s]["loss"] == pytest.approx(rb[s]["loss"], rel=rtol), s
+        assert ra[s]["grad_norm"] == pytest.approx(rb[s]["grad_norm"], rel=rtol), s
+    wa, wb = adapter_weights(a), adapter_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        # Adam turns a gradient element near 0 into a +-lr step, so rounding can move a rare element by ~1e-5:
+        # bound every element loosely and the mean tightly.
+        torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=2e-5)
+        assert (wa[k] - wb[k]).abs().mean() < 1e-7, k
+
+
+COMMON = {"data.val": "", "run.log_every": 1, "optim.lr": 2e-3, "optim.warmup_steps": 1, "run.plot": "false"}
+
+
+def test_accumulation_equals_the_big_micro_batch(tiny_model_dir, demo_shards, tmp_path, monkeypatch):
+    """4 micro-batches of 1 give the same steps (loss, gradient norm, weights) as 1 micro-batch of 4."""
+    for name, micro in (("accum", 1), ("big", 4)):
+        train_in_process(monkeypatch, tiny_model_dir, demo_shards, tmp_path, **COMMON, **{
+            "run.name": name, "optim.max_steps": 3, "optim.global_batch": 4, "optim.micro_batch": micro})
+    assert_same_run(tmp_path / "accum", tmp_path / "big", steps=3, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny_model_dir, demo_shards, tmp_path, monkeypatch):
+    """2 ranks x micro-batch 2 == 1 rank x 2 micro-batches of 2: the global-token normalisation makes world size
+    invisible. (A reader's samples depend only on its global index, so rank r and worker r read the same.)"""
+    runs = {"run.name": "ranks", "optim.max_steps": 3, "optim.global_batch": 4, "optim.micro_batch": 2}
+    torchrun(run_overrides(tiny_model_dir, demo_shards, tmp_path, **COMMON, **runs, **{"data.num_workers": 1}))
+    train_in_process(monkeypatch, tiny_model_dir, demo_shards, tmp_path, **COMMON, **{
+        **runs, "run.name": "one", "data.num_workers": 2})
+    assert_same_run(tmp_path / "ranks", tmp_path / "one", steps=3, rtol=1e-5)
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_repeats_the_uninterrupted_losses(tiny_model_dir, demo_shards, tmp_path):
+    """2 ranks, fp32, LoRA dropout on (so RNG state matters): stopped by SIGTERM at step k and resumed, the
+    per-step losses equal the uninterrupted run's to 1e-6."""
+    steps = 10
+    cfg = {**COMMON, "optim.max_steps": steps, "optim.global_batch": 4, "optim.micro_batch": 1,
+           "lora.dropout": 0.1, "data.num_workers": 1, "run.precision": "fp32"}
+    torchrun(run_overrides(tiny_model_dir, demo_shards, tmp_path, **cfg, **{"run.name": "whole"}))
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           *run_overrides(tiny_model_dir, demo_shards, tmp_path, **cfg, **{"run.name": "cut"})]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for(lambda: (cut / "metrics.jsonl").is_file() and len(step_records(cut)) >= 3, 120, "step 3")
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    _, err = proc.communicate(timeout=120)
+    stopped = int((cut / "PREEMPTED").read_text())
+    assert 3 <= stopped < steps, err[-3000:]
+    assert (cut / "latest").read_text().strip() == f"step_{stopped:08d}"
+    assert "pre-empted (SIGTERM)" in err
+    assert sorted(step_records(cut)) == list(range(1, stopped + 1))
+
+    proc = torchrun(run_overrides(tiny_model_dir, demo_shards, tmp_path, **cfg, **{
+        "run.name": "cut", "run.resume": "auto"}))
+    assert f"at step {stopped}" in proc.stderr
+    assert not (cut / "PREEMPTED").exists()
+    whole, resumed = step_records(tmp_path / "whole"), step_records(cut)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
+        assert abs(whole[s]["loss"] - resumed[s]["loss"]) < 1e-6, (s, whole[s]["loss"], resumed[s]["loss"])
+    for k, w in adapter_weights(tmp_path / "whole").items():
+        torch.testing.assert_close(w, adapter_weights(cut)[k], rtol=0, atol=1e-6)
+
+
+def test_a_non_finite_step_is_skipped(tiny_model_dir, demo_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLORA_DEBUG_NAN_STEPS", "2")
+    result = train_in_process(monkeypatch, tiny_model_dir, demo_shards, tmp_path, **COMMON, **{
+        "optim.max_steps": 3, "optim.global_batch": 4, "optim.micro_batch": 4})
+    records = step_records(tmp_path / "t")
+    assert records[1]["skipped_steps"] == 0 and records[2]["skipped_steps"] == 1 and records[3]["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in result["peft_model"].parameters())
+    assert records[3]["loss"] == records[3]["loss"]  # finite again
+
+
+def test_too_many_non_finite_steps_stop_with_a_checkpoint(tiny_model_dir, demo_shards, tmp_path):
+    cmd = [sys.executable, "train.py", *run_overrides(tiny_model_dir, demo_shards, tmp_path, **COMMON, **{
+        "optim.max_steps": 8, "optim.global_batch": 4, "optim.micro_batch": 4, "run.max_bad_steps": 3,
+        "data.num_workers": 0})]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(VLORA_DEBUG_NAN_STEPS="3,4,5,6"), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("vlora: error:")]
+    assert len(errors) == 1 and "3 non-finite steps in a row (steps 3-5)" in errors[0]
+    assert (tmp_path / "t" / "latest").read_text().strip() == "step_00000005"
+    assert "Traceback" not in proc.stderr
