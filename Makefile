@@ -43,7 +43,7 @@ demo: $(TINY)/config.json demo-shards
 	$(PY) train.py --config vlora/configs/demo.yaml
 
 train: | $(STAMP)
-	.venv/bin/torchrun --standalone --nproc_per_node $(NPROC) train.py $(ARGS)
+	.venv/bin/torchrun --standalone --nproc_per_node $(NPROC) --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 train.py $(ARGS)
 
 test: | $(STAMP)
 	$(PY) -m pytest -q

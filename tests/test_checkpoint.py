@@ -96,7 +96,10 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint_latest(tmp_pat
 def test_a_stale_temporary_folder_of_another_step_is_removed(tmp_path, fake_adapter, monkeypatch):
     """Killed while saving step 4, resumed with a save_every that never saves step 4 again: the dead save's
     temporary folder (a whole adapter + optimizer state at real sizes) should not stay forever."""
-    monkeypatch.setattr(checkpoint, "save_adapter", lambda model, out: (_ for _ in ()).throw(OSError("killed")))
+    def killed(model, out):
+        raise OSError("killed")
+
+    monkeypatch.setattr(checkpoint, "save_adapter", killed)
     with pytest.raises(OSError):
         _save(tmp_path, 4)
     monkeypatch.setattr(checkpoint, "save_adapter", fake_adapter)
