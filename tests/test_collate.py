@@ -233,12 +233,33 @@ def test_too_long_sample_is_skipped_never_truncated(make_collator, demo_samples)
 
 
 def test_loss_index_points_at_the_supervised_next_tokens(make_collator, demo_samples):
+    """loss_index: flat indices r * L + c into the whole (rows x L) grid of the positions that predict a supervised
+    token (c < L - 1), so the loss gathers hidden.reshape(-1, H), a view, and copies nothing else."""
     col = make_collator()
     batch = col.collate([col.encode(s) for s in demo_samples[:3]])
-    targets = batch["labels"][:, 1:]
+    labels = batch["labels"]
+    width = labels.shape[1]
+    targets = labels[:, 1:]
     assert torch.equal(batch["loss_targets"], targets[targets != -100])
-    rows, cols = batch["loss_index"] // targets.shape[1], batch["loss_index"] % targets.shape[1]
+    expected = [r * width + c for r in range(labels.shape[0]) for c in range(width - 1) if labels[r, c + 1] != -100]
+    assert batch["loss_index"].tolist() == expected
+    rows, cols = batch["loss_index"] // width, batch["loss_index"] % width
+    assert (cols < width - 1).all() and len(set(rows.tolist())) == 3
+    assert torch.equal(batch["input_ids"].reshape(-1)[batch["loss_index"] + 1], batch["loss_targets"])
     assert torch.equal(batch["input_ids"][rows, cols + 1], batch["loss_targets"])
+
+
+def test_images_over_pils_bomb_limit_still_load(make_collator, processor):
+    """`vlora pack` checked sizes against --max-image-pixels (which may exceed PIL's default); a data worker must not
+    raise PIL's DecompressionBombError on such an image. PIL's own limit is left as it was."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 1000  # 112x112 = 12544 pixels: over twice this, PIL's error threshold
+    try:
+        item = make_collator().encode(_one_image())
+        assert _image_tokens(processor, item) == 16
+        assert Image.MAX_IMAGE_PIXELS == 1000
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 # --- collate --------------------------------------------------------------------------------------

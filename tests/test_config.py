@@ -130,3 +130,60 @@ def test_lora_group_settings_parse_from_file_and_command_line(tmp_path, paths):
     assert cfg.optim.lr_merger == 10.0 and cfg.lora.rslora is True
     # A projector-only stage: no LoRA group, the merger trained fully, the LLM frozen.
     validate(load_config(None, paths + ["lora.targets=[]", "lora.train_merger_fully=true", "model.freeze_llm=true"]))
+
+
+def test_train_as_a_yaml_list_is_joined(tmp_path, paths, demo_shards):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"data:\n  train:\n    - {demo_shards / 'train'}:2\n    - {demo_shards / 'val'}\n")
+    cfg = load_config(f, [p for p in paths if not p.startswith("data.train=")])
+    assert cfg.data.train == f"{demo_shards / 'train'}:2,{demo_shards / 'val'}"
+    validate(cfg)
+    f.write_text("run:\n  name: [a, b]\n")  # a list for any other text key is a mistake, not "['a', 'b']"
+    with pytest.raises(VloraError, match=r"config key 'run.name' expects str, got \['a', 'b'\]"):
+        load_config(f, paths)
+
+
+def test_text_overrides_keep_the_raw_text(paths):
+    cfg = load_config(None, paths + ["run.name=007", "run.resume=yes", "model.quant=none", "optim.lr=5e-4",
+                                     "run.progress=no", "optim.max_steps=12"])
+    assert (cfg.run.name, cfg.run.resume, cfg.model.quant) == ("007", "yes", "none")
+    assert cfg.optim.lr == 5e-4 and cfg.run.progress is False and cfg.optim.max_steps == 12
+    with pytest.raises(VloraError, match=r"override 'optim.lr=\[' is not a valid value"):
+        load_config(None, ["optim.lr=["])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.val_samples=-1", "config key 'data.val_samples' must be >= 0, got -1"),
+    ("optim.beta1=1", "config key 'optim.beta1' must lie in [0, 1), got 1.0"),
+    ("optim.beta2=-0.1", "config key 'optim.beta2' must lie in [0, 1), got -0.1"),
+    ("optim.eps=0", "config key 'optim.eps' must be positive, got 0.0"),
+])
+def test_val_samples_and_adam_settings(paths, override, message):
+    with pytest.raises(VloraError) as e:
+        validate(load_config(None, paths + [override]))
+    assert str(e.value) == message
+    validate(load_config(None, paths + ["data.val_samples=0", "optim.beta1=0", "optim.beta2=0.95", "optim.eps=1e-6"]))
+
+
+def test_max_pixels_below_what_the_shards_were_checked_for(tmp_path, paths, demo_shards):
+    """A smaller data.max_pixels than the packed images allow could shrink one to a zero side in a data worker."""
+    import json
+    import shutil
+
+    train = demo_shards / "train"
+    # The demo images are square (112x112): they resize under any max_pixels from 28 * 28 + 1 on.
+    validate(load_config(None, paths + ["data.min_pixels=785", "data.max_pixels=785"]))
+    with pytest.raises(VloraError) as e:
+        validate(load_config(None, paths + ["data.min_pixels=784", "data.max_pixels=784"]))
+    assert str(e.value) == (f"data.max_pixels=784 is below 785, the least that every image in {train} resizes under without a "
+                            "zero side (its narrowest image); raise data.max_pixels to 785 or repack with "
+                            "`vlora pack --max-pixels 784`, which rejects those images")
+    # A manifest from before the floor was recorded: held to the max_pixels it was packed with.
+    old = tmp_path / "old_val"
+    shutil.copytree(demo_shards / "val", old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["checks"]["max_pixels_floor"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    validate(load_config(None, paths + [f"data.val={old}", "data.max_pixels=200704"]))
+    with pytest.raises(VloraError, match=rf"data.max_pixels=12544 is below max_pixels=200704, which {old} was packed"):
+        validate(load_config(None, paths + [f"data.val={old}", "data.max_pixels=12544"]))

@@ -122,11 +122,11 @@ def test_openai_bad_parts(tmp_path, part, detail):
 
 def test_caption_and_instruction(tmp_path):
     d = tmp_path.absolute()
-    cap = _jsonl(tmp_path / "cap.jsonl", [{"image_path": "a.png", "text": "A red circle."}, {"image": "b.png", "caption": " <image> kept "}])
+    cap = _jsonl(tmp_path / "cap.jsonl", [{"image_path": "a.png", "text": "A red circle."}, {"image": "b.png", "caption": " <kept> "}])
     assert read_annotations(cap).format == "caption"
     assert load_samples(cap) == [
         {"messages": user_assistant([IMG], "A red circle."), "images": [d / "a.png"]},
-        {"messages": user_assistant([IMG], " <image> kept "), "images": [d / "b.png"]},  # a caption is an answer, kept verbatim
+        {"messages": user_assistant([IMG], " <kept> "), "images": [d / "b.png"]},  # a caption is an answer, kept verbatim
     ]
     ins = _jsonl(tmp_path / "ins.jsonl", [
         {"image_path": "a.png", "instruction": "Describe it.", "input": "Be short.", "output": "Red."},
@@ -140,6 +140,68 @@ def test_caption_and_instruction(tmp_path):
     assert s[1]["messages"][0]["content"] == [IMG, text("Describe it.")]
     assert s[2] == {"messages": user_assistant([text("Is "), IMG, text(" bigger than "), IMG, text("?")], "No."), "images": [d / "b.png", d / "a.png"]}
     assert s[3] == {"messages": [{"role": "system", "content": [text("Sys.")]}] + user_assistant([text("No image.")], "Fine."), "images": []}
+
+
+@pytest.mark.parametrize("record, detail", [
+    ({"image_path": "a.png", "text": "A <image> here."}, "'text' (the answer) holds the image placeholder '<image>'"),
+    ({"image": "a.png", "caption": "<image_no_1> a cat"}, "'caption' (the answer) holds the image placeholder '<image_no_1>'"),
+    ({"image_path": "a.png", "instruction": "Describe.", "output": "It is <|vision_start|>b.png<|vision_end|>"},
+     "'output' (the answer) holds the image placeholder '<|vision_start|>b.png<|vision_end|>'"),
+])
+def test_a_placeholder_in_an_answer_is_a_mismatch(tmp_path, record, detail):
+    """The images of a caption / instruction record belong to its user turn: a placeholder in the answer is refused."""
+    (r,) = _records(_jsonl(tmp_path / "a.jsonl", [record]))
+    assert r.sample is None and r.error.reason == "image_count_mismatch"
+    assert r.error.detail == detail + "; an image belongs to the user turn: move it to the prompt or drop it"
+
+
+def test_instruction_input_placeholders_place_the_images(tmp_path):
+    d = tmp_path.absolute()
+    (s,) = load_samples(_jsonl(tmp_path / "i.jsonl", [
+        {"images": ["a.png", "b.png"], "instruction": "Compare.", "input": "<image_2> then <image_1>", "output": "Same."}]))
+    assert s == {"messages": user_assistant([text("Compare.\n"), IMG, text(" then "), IMG], "Same."), "images": [d / "b.png", d / "a.png"]}
+
+
+def test_null_image_fields_mean_no_images(tmp_path):
+    """HF exports and LLaVA's text-only rows write `"image": null`: no images, not a bad record."""
+    src = _jsonl(tmp_path / "n.jsonl", [
+        {"image": None, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+        {"images": None, "image": "a.png", "conversations": [{"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "A."}]},
+    ])
+    a, b = load_samples(src)
+    assert a == {"messages": user_assistant([text("Hi")], "Hello."), "images": []}
+    assert b["images"] == [tmp_path.absolute() / "a.png"]
+    (c,) = load_samples(_jsonl(tmp_path / "s.jsonl", [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}], "images": None}]))
+    assert c == {"messages": user_assistant([text("Hi")], "Yo."), "images": []}
+    (e,) = load_samples(_jsonl(tmp_path / "c.jsonl", [{"image_path": None, "instruction": "Say hi.", "output": "Hi."}]))
+    assert e == {"messages": user_assistant([text("Say hi.")], "Hi."), "images": []}
+
+
+def test_unhashable_role_is_a_bad_record_not_a_crash(tmp_path):
+    src = _jsonl(tmp_path / "r.jsonl", [
+        {"conversations": [{"from": ["human"], "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+        {"messages": [{"role": {"name": "user"}, "content": "Hi"}, {"role": "assistant", "content": "Yo."}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+    ])
+    a, b, c = _records(src, fmt="llava")[0], _records(src, fmt="sharegpt")[1], _records(src, fmt="llava")[2]
+    assert (a.error.reason, a.error.detail) == ("bad_record", "conversations[0].from must be one of human, user, gpt, assistant, system")
+    assert (b.error.reason, b.error.detail) == ("bad_record", "messages[0].role must be one of human, user, gpt, assistant, system")
+    assert c.error is None
+
+
+def test_content_lists_after_a_text_only_first_record(tmp_path):
+    """A content-list file whose first record has only string content is detected as sharegpt: its image records
+    must still be read, not rejected."""
+    d = tmp_path.absolute()
+    src = _jsonl(tmp_path / "oa.jsonl", [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "What?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]},
+    ])
+    source = read_annotations(src)
+    first, second = source.records
+    assert source.format == "sharegpt" and first.error is None and second.error is None
+    assert second.sample == {"messages": user_assistant([IMG, text("What?")], "Red."), "images": [d / "a.png"]}
 
 
 def test_numbered_and_inline_placeholders(tmp_path):
@@ -198,6 +260,26 @@ def test_path_resolution_order_and_suffix_fallback(tmp_path):
     assert PathResolver(ann)("both.png") == ann / "both.png"
 
 
+def test_fallbacks_never_bind_a_bare_file_name_from_another_folder(tmp_path):
+    """`cats/1.jpg` and `dogs/1.jpg` must not both become annotation_dir/1.jpg; a path relative to an ancestor of
+    the annotation folder (a repository root) is found there, up to three levels up."""
+    repo = tmp_path / "top" / "repo"
+    ann = repo / "data" / "anns"
+    for p in (ann / "1.jpg", repo / "data/imgs/2.jpg", repo / "data/anns/sub/3.jpg", repo / "4.jpg", tmp_path / "a/5.jpg"):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    r = PathResolver(ann)
+    assert r("cats/1.jpg") == ann / "cats/1.jpg" and r("dogs/1.jpg") == ann / "dogs/1.jpg"  # missing: rejected, not bound
+    assert r.by_suffix == 0
+    assert r("data/imgs/2.jpg") == repo / "data/imgs/2.jpg"  # relative to the repository root, two levels up
+    assert r("imgs/2.jpg") == repo / "data/imgs/2.jpg"  # relative to the parent folder
+    assert r("x/y/sub/3.jpg") == ann / "sub/3.jpg"  # leading folders dropped, the file's own folder kept
+    assert r.by_suffix == 3
+    assert r("4.jpg") == ann / "4.jpg"  # a bare file name is only looked for beside the annotation file
+    assert r("a/5.jpg") == ann / "a/5.jpg"  # four levels up is too far
+    assert r.by_suffix == 3
+
+
 def test_llamafactory_files_give_the_same_samples():
     """The two LLaMA-Factory demo files hold the same conversations in two formats, with differently rooted paths."""
     sharegpt = read_annotations(PEERS / "mllm_demo.json")
@@ -210,6 +292,7 @@ def test_llamafactory_files_give_the_same_samples():
     assert v1.format == "openai" and len(records) == 24 and all(r.error is None for r in records)
     assert [r.sample for r in records] == samples * 4
     assert v1.resolver.by_suffix == 32  # every `data/mllm_demo_data/...` path found by dropping `data/`
+    assert records[0].sample["images"][0] == PEERS / "mllm_demo_data/1.jpg"
     assert samples[0]["images"] == [PEERS / "mllm_demo_data/1.jpg"] * 2
 
 

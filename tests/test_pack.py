@@ -71,7 +71,9 @@ def test_demo_manifest_matches_files(demo_shards):
         assert m["sources"] == [{"file": f"{split}.jsonl", "format": "sharegpt", "records": n, "paths_resolved_by_suffix": 0,
                                  "sha256": m["sources"][0]["sha256"]}]
         assert (m["paths_resolved_by_suffix"], m["checks"]) == (0, {"max_image_pixels": 89_478_485, "max_aspect_ratio": 200,
-                                                                  "min_pixels": 3136, "max_pixels": 200704})
+                                                                  "min_pixels": 3136, "max_pixels": 200704,
+                                                                  "max_pixels_floor": 28 * 28 + 1})  # 112x112: square
+        assert m["skipped"] == []
         assert (d / "rejects.jsonl").read_text() == ""
         assert sorted(p.name for p in d.iterdir()) == sorted(["manifest.json", "rejects.jsonl"] + [s["name"] for s in m["shards"]])
         text = (d / "manifest.json").read_text()
@@ -108,7 +110,7 @@ def test_pack_replaces_an_earlier_pack_in_place(demo_src, tmp_path):
     assert (s.read, s.written, s.rejected, s.shards) == (64, 64, 0, 2)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "rejects.jsonl", "shard-000000.tar", "shard-000001.tar"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old folders left behind
-    assert format_summary(s).startswith(f"packed {demo_src / 'val.jsonl'} -> {out}: read 64, wrote 64 in 2 shard(s), rejected 0 in ")
+    assert format_summary(s).startswith(f"packed {demo_src / 'val.jsonl'} -> {out}: read 64, wrote 64 in 2 shard(s), rejected 0, last shard 24 of 40 samples in ")
 
 
 # --- pack: rejects ---------------------------------------------------------------------------------
@@ -288,6 +290,96 @@ def test_a_folder_packs_every_annotation_file_in_order(tmp_path):
         pack(tmp_path / "empty", tmp_path / "out")
 
 
+def test_a_folder_skips_unknown_json_files_and_old_shard_folders(tmp_path, monkeypatch):
+    """LLaMA-Factory's data/ holds dataset_info.json beside the annotations, and a folder may hold an earlier pack:
+    both are skipped and listed, not an abort; the annotation files are opened one at a time."""
+    d = tmp_path / "data"
+    _png(d / "a.png")
+    _jsonl(d / "a.jsonl", [_qa(id="0")])
+    (d / "dataset_info.json").write_text(json.dumps({"mllm_demo": {"file_name": "mllm_demo.json", "formatting": "sharegpt"}}, indent=2))
+    (d / "b.json").write_text(json.dumps([_qa(id="0")]))
+    pack(d / "a.jsonl", d / "old" / "shards")  # an earlier pack inside the folder: manifest.json + rejects.jsonl
+    events = []
+    real = pack_mod.read_annotations
+
+    def spy(path, **kw):
+        events.append(("open", Path(path).name))
+        source = real(path, **kw)
+        source.records = ((events.append(("record", Path(path).name)), r)[1] for r in source.records)
+        return source
+
+    monkeypatch.setattr(pack_mod, "read_annotations", spy)
+    s = pack(d, tmp_path / "out")
+    assert (s.read, s.written, s.rejected) == (2, 2, 0)
+    assert s.skipped == ["old/shards/ (shard folder)", "dataset_info.json (no known annotation format)"]
+    assert read_manifest(tmp_path / "out")["skipped"] == s.skipped
+    assert [x["file"] for x in read_manifest(tmp_path / "out")["sources"]] == ["a.jsonl", "b.json"]
+    assert ", skipped 2 (old/shards/ (shard folder); dataset_info.json (no known annotation format))" in format_summary(s)
+    # a.jsonl is read to its end before the next file is opened
+    assert events == [("open", "a.jsonl"), ("record", "a.jsonl"), ("open", "b.json"), ("record", "b.json"), ("open", "dataset_info.json")]
+    # A .jsonl that matches no format is meant as data: still an error. So is a folder of unknown files only.
+    _jsonl(d / "c.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(VloraError, match="c.jsonl: matches no known format"):
+        pack(d, tmp_path / "out2")
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "dataset_info.json").write_text("{}")
+    with pytest.raises(VloraError, match=r"only: no annotation file in this folder matches a known format \(skipped dataset_info.json"):
+        pack(tmp_path / "only", tmp_path / "out3")
+    assert not (tmp_path / "out3").exists()
+
+
+@pytest.mark.parametrize("inside", ["src_file", "src_folder", "src_is_out", "image_root"])
+def test_inputs_inside_the_output_folder_are_refused(tmp_path, inside):
+    """Packing replaces the output folder wholesale: an input inside it would be deleted with the old pack."""
+    out = tmp_path / "out"
+    _png(out / "imgs/a.png")
+    src = _jsonl(out / "d.jsonl", [_qa(images=["imgs/a.png"])])
+    write_manifest(out, {"format": "vlora-shards/1", "shards": []})  # an earlier shard folder, as pack would accept
+    args = {"src_file": (src, {}), "src_folder": (out / "imgs", {}), "src_is_out": (out, {}),
+            "image_root": (_jsonl(tmp_path / "e.jsonl", [_qa()]), {"image_root": out / "imgs"})}[inside]
+    with pytest.raises(VloraError, match=r"lies inside the output folder .*/out, which packing replaces") as e:
+        pack(args[0], out, **args[1])
+    assert "\n" not in str(e.value)
+    assert (out / "d.jsonl").is_file() and (out / "imgs/a.png").is_file()
+
+
+@pytest.mark.parametrize("token", ["<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>",
+                                   "<|vision_start|>", "<|vision_end|>"])
+def test_special_tokens_in_text_are_rejected(tmp_path, token):
+    _png(tmp_path / "a.png")
+    src = _jsonl(tmp_path / "d.jsonl", [_qa(id="ok"), _qa(a=f"A {token} B"), _qa(q=f"<image>Q {token}?"),
+                                        {"system": f"Sys {token}", **_qa()},
+                                        _qa(q="<|vision_start|>a.png<|vision_end|>Q?", images=())])  # a placeholder: fine
+    s = pack(src, tmp_path / "out")
+    assert (s.written, s.rejects_by_reason) == (2, {"special_token": 3})
+    assert [(r["index"], r["detail"]) for r in _rejects(tmp_path / "out")] == [
+        (i, f"message {j} ({role}) holds Qwen's special token {token}, which would cut the turn or its image tokens short; "
+            "remove it or spell it differently") for i, j, role in [(1, 1, "assistant"), (2, 0, "user"), (3, 0, "system")]]
+
+
+def test_summary_names_a_short_last_shard(demo_src, tmp_path):
+    s = pack(demo_src / "val.jsonl", tmp_path / "out", shard_size=24)  # 64 = 24 + 24 + 16
+    assert (s.shards, s.last_shard) == (3, 16)
+    assert "wrote 64 in 3 shard(s), rejected 0, last shard 16 of 24 samples in " in format_summary(s)
+    even = pack(demo_src / "val.jsonl", tmp_path / "even", shard_size=16)
+    assert "last shard" not in format_summary(even)
+
+
+def test_max_pixels_floor_is_where_smart_resize_starts_to_give_a_zero_side():
+    from qwen_vl_utils import smart_resize
+
+    def ok(w, h, max_pixels):
+        rh, rw = smart_resize(h, w, factor=28, min_pixels=min(3136, max_pixels), max_pixels=max_pixels)
+        return rh > 0 and rw > 0
+
+    for w, h in [(6, 600), (50, 200), (112, 112), (1034, 28), (3000, 17), (199, 1), (640, 480)]:
+        floor = pack_mod.max_pixels_floor({"type": "image"}, w, h)
+        assert ok(w, h, floor) and all(ok(w, h, floor + k) for k in (1, 7, 1000, 10**6)), (w, h)
+        assert not ok(w, h, floor - 2), (w, h)  # at most one pixel conservative (an exact boundary)
+    assert pack_mod.max_pixels_floor({"type": "image"}, 6, 600) == 28 * 588  # fits unshrunk at 16464 pixels
+    assert pack_mod.max_pixels_floor({"type": "image", "max_pixels": 784}, 6, 600) == 0  # its own limit, not the run's
+
+
 # --- the real LLaMA-Factory files ---------------------------------------------------------------------
 
 
@@ -313,7 +405,7 @@ def test_llamafactory_v1_content_lists_with_repo_root_paths(tmp_path):
     s = pack(V1_DEMO, tmp_path / "v1", workers=2)
     # Upstream's v1 file is the six conversations four times over: 24 records, 32 image references.
     assert (s.read, s.written, s.rejected, s.shards, s.paths_resolved_by_suffix) == (24, 24, 0, 1, 32)
-    assert "32 image path(s) resolved by suffix" in format_summary(s)
+    assert "32 image path(s) resolved by fallback (ancestor folder or shorter path)" in format_summary(s)
     m = read_manifest(tmp_path / "v1")
     assert m["paths_resolved_by_suffix"] == m["sources"][0]["paths_resolved_by_suffix"] == 32
     assert m["sources"][0]["format"] == "openai"
@@ -356,7 +448,8 @@ def test_max_tokens_counts_what_the_collator_encodes(tmp_path, tiny_model_dir):
     s = pack(src, tmp_path / "fits", max_tokens=n, model=tiny_model_dir, **limits)
     assert (s.written, s.rejected) == (1, 0)
     assert read_manifest(tmp_path / "fits")["checks"] == {"max_image_pixels": 89_478_485, "max_aspect_ratio": 200, "max_tokens": n,
-                                                          "model": str(tiny_model_dir), **limits}
+                                                          "model": str(tiny_model_dir), **limits,
+                                                          "max_pixels_floor": 28 * 28 * 200 // 50 + 1}  # tall.png: 50x200
     assert TokenCounter(str(tiny_model_dir), **limits).factor == pack_mod.QWEN_FACTOR
     s = pack(src, tmp_path / "over", max_tokens=n - 1, model=tiny_model_dir, workers=2, **limits)
     assert (s.written, s.rejected, s.rejects_by_reason) == (0, 1, {"too_many_tokens": 1})

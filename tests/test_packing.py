@@ -99,8 +99,9 @@ def test_packed_batch_layout(batches, items, processor):
 def test_loss_never_crosses_a_sample_boundary(batches):
     """Every supervised position predicts a token of its own sample; the same targets as the padded batch."""
     padded, b = batches
-    width = b["input_ids"].shape[1] - 1
+    width = b["input_ids"].shape[1]  # flat indices into the whole rows x L grid
     rows, cols = b["loss_index"] // width, b["loss_index"] % width
+    assert (cols < width - 1).all()
     for r, c in zip(rows.tolist(), cols.tolist()):
         assert any(r == row and start <= c and c + 1 < start + k for row, start, k in b["spans"])
     assert torch.equal(b["input_ids"][rows, cols + 1], b["loss_targets"])

@@ -3,6 +3,7 @@
 import functools
 import itertools
 import json
+import logging
 import os
 import tarfile
 import zlib
@@ -236,6 +237,73 @@ def test_state_from_another_run_shape_is_refused(configs, train_dir, vqa_dir):
         next(_loader(list(sources), state=alone))
     # A new micro-batch size or weights are fine: the samples' order does not depend on them.
     _loader([(train_dir, 5.0)], rank=0, world=2, workers=2, mb=3, state=state).close()
+
+
+def test_resume_onto_a_folder_repacked_with_other_data_is_refused(demo_src, tmp_path):
+    """Same shard and sample counts, other samples: the saved position would silently point at other data."""
+    from vlora.data.pack import pack
+
+    folder = tmp_path / "shards"
+    pack(demo_src / "val.jsonl", folder, shard_size=32)
+    loader = _loader([(str(folder), 1)])
+    _take(loader, 3)
+    state = json.loads(json.dumps(loader.state_dict()))
+    loader.close()
+    content = state["sources"][0]["content"]
+    assert len(content) == 16 and content == Source.load(str(folder)).content
+    pack(demo_src / "val.jsonl", folder, shard_size=32)  # a repack of the same data: the same bytes, resumable
+    _loader([(str(folder), 1)], state=state).close()
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join((demo_src / "train.jsonl").read_text().splitlines(keepends=True)[:64]))
+    pack(other, folder, shard_size=32, image_root=demo_src)  # 2 shards of 32 again, other samples
+    assert Source.load(str(folder)).sizes == (32, 32)
+    with pytest.raises(VloraError) as e:
+        _loader([(str(folder), 1)], state=state)
+    msg = str(e.value)
+    assert "\n" not in msg and str(folder) in msg and "repacked" in msg and content in msg
+    legacy = {**state, "sources": [{k: v for k, v in src.items() if k != "content"} for src in state["sources"]]}
+    _loader([(str(folder), 1)], state=legacy).close()  # a state from before the hash: counts are all it has
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def warnings_logged():
+    handler, logger = _Warnings(), logging.getLogger("vlora")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_uneven_reader_shares_are_warned_about_at_start(train_dir, vqa_dir, demo_src, tmp_path, warnings_logged):
+    from vlora.data.pack import pack
+
+    # 8 shards of 32 over 2 x 2 readers: 64 each, every epoch.
+    assert stream.reader_shares(Source.load(train_dir).sizes, seed=0, dataset=0, world_size=2, workers=2) == [[64] * 4] * 4
+    _loader([(train_dir, 1)], world=2, workers=2).close()
+    assert warnings_logged == []
+    # 4 shards of 16 over 3 readers: one reader gets 2 shards every epoch, its samples are seen half as often.
+    shares = stream.reader_shares(Source.load(vqa_dir).sizes, seed=0, dataset=0, world_size=1, workers=3)
+    assert [sorted(e) for e in shares] == [[16, 16, 32]] * 4
+    _loader([(vqa_dir, 1)], rank=1, world=1, workers=3).close()  # only rank 0 says it
+    _loader([(vqa_dir, 1)], world=1, workers=3).close()
+    (msg,) = warnings_logged
+    assert msg.startswith(f"{vqa_dir}: its 4 shard(s) give the 3 readers (1 rank(s) x 3 worker(s)) uneven epochs, 16 to 32 "
+                          "samples each; ") and "up to 2.00x as often" in msg and "vlora pack --shard-size" in msg
+    # A short last shard: 24 + 24 + 16 over 3 readers.
+    pack(demo_src / "val.jsonl", tmp_path / "short", shard_size=24)
+    assert stream.warn_if_unbalanced(Source.load(str(tmp_path / "short")), 0, seed=0, world_size=1, workers=3) is not None
+    assert "16 to 24 samples each" in warnings_logged[-1]
+    # Within 10 %: quiet (7 shards of 19 and one of 18, over 8 readers).
+    assert stream.warn_if_unbalanced(Source("x", ("u",) * 8, (19,) * 7 + (18,)), 0, seed=0, world_size=2, workers=4) is None
 
 
 # --- what each epoch reads ------------------------------------------------------------------------

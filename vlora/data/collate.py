@@ -8,6 +8,7 @@ training step's critical path) is done here, off the GPU's way.
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import logging
@@ -49,15 +50,13 @@ def mrope_positions(token_types: torch.Tensor, image_grid_thw: torch.Tensor | No
     length = token_types.numel()
     pos = torch.empty(3, length, dtype=torch.long)
     grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
-    types = token_types.tolist()
+    kinds, runs = torch.unique_consecutive(token_types, return_counts=True)  # runs of text / of one image's tokens
     i, current = 0, 0
-    while i < length:
-        j = i
-        while j < length and types[j] == types[i]:
-            j += 1
-        if types[i] == 0:
-            pos[:, i:j] = torch.arange(current, current + j - i).expand(3, -1)
-            current += j - i
+    for kind, n in zip(kinds.tolist(), runs.tolist()):
+        j = i + n
+        if kind == 0:
+            pos[:, i:j] = torch.arange(current, current + n).expand(3, -1)
+            current += n
         else:
             t, h, w = next(grids)
             h, w = h // merge, w // merge
@@ -99,10 +98,12 @@ class Collator:
         vision_tokens = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
         self.vision_ids = torch.tensor([self.tok.convert_tokens_to_ids(t) for t in vision_tokens])
         self.im_end = self.tok.convert_tokens_to_ids("<|im_end|>")
+        self.im_start = self.tok.convert_tokens_to_ids("<|im_start|>")
         # A turn is found by `<|im_start|>ROLE` and the newline token after it (which may be "\n\n" or longer
         # when the reply starts with a newline: BPE merges them). `train_on` says which roles carry loss.
         roles = ("assistant",) if train_on == "assistant" else ("user", "assistant")
         self.headers = [self.tok.encode(f"<|im_start|>{r}", add_special_tokens=False) for r in roles]
+        assert all(h[0] == self.im_start for h in self.headers), "a turn header must start with <|im_start|>"
         self.pad_id = self.tok.pad_token_id
         self.merge = processor.image_processor.merge_size
 
@@ -110,31 +111,40 @@ class Collator:
         from qwen_vl_utils import fetch_image
 
         images = []
-        for entry, blob in zip(image_entries(messages), blobs, strict=True):
-            spec = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
-            spec.update({k: entry[k] for k in PER_IMAGE_KEYS if k in entry})
-            # A per-image limit wins over the run's, also when it asks for fewer pixels than the run's minimum.
-            spec["min_pixels"] = min(spec["min_pixels"], spec["max_pixels"])
-            spec["image"] = Image.open(io.BytesIO(blob))
-            images.append(fetch_image(spec))
+        # PIL's decompression-bomb limit is off while decoding: `vlora pack` already checked every image against
+        # --max-image-pixels (which may be above PIL's default), so an image it accepted must not raise
+        # DecompressionBombError here, in a data worker, mid-training. Restored after, as it is process-wide.
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            for entry, blob in zip(image_entries(messages), blobs, strict=True):
+                spec = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+                spec.update({k: entry[k] for k in PER_IMAGE_KEYS if k in entry})
+                # A per-image limit wins over the run's, also when it asks for fewer pixels than the run's minimum.
+                spec["min_pixels"] = min(spec["min_pixels"], spec["max_pixels"])
+                spec["image"] = Image.open(io.BytesIO(blob))
+                images.append(fetch_image(spec))
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
         return images
 
     def label_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """True on the tokens that carry loss: each supervised turn's content and the <|im_end|> that closes it."""
         mask = torch.zeros_like(ids, dtype=torch.bool)
         seq = ids.tolist()
-        i = 0
-        while i < len(seq):
+        ends = (ids == self.im_end).nonzero().squeeze(1).tolist()
+        resume = 0  # a supervised turn runs to its <|im_end|>: no header is looked for inside it
+        for i in (ids == self.im_start).nonzero().squeeze(1).tolist():  # every header starts with <|im_start|>
+            if i < resume:
+                continue
             header = next((h for h in self.headers if seq[i : i + len(h)] == h), None)
             newline = i + len(header) if header else -1
             if header is None or newline >= len(seq) or not self.tok.decode(seq[newline]).startswith("\n"):
-                i += 1
                 continue
-            start = end = newline + 1
-            while end < len(seq) and seq[end] != self.im_end:
-                end += 1
+            start = newline + 1
+            k = bisect.bisect_left(ends, start)
+            end = ends[k] if k < len(ends) else len(seq)  # the turn's <|im_end|>, or the end of the sequence
             mask[start : end + 1] = True
-            i = end + 1
+            resume = end + 1
         # Image and video tokens never carry loss, even inside a supervised turn.
         return mask & ~torch.isin(ids, self.vision_ids)
 
@@ -226,11 +236,13 @@ class Collator:
         if with_images:
             batch["pixel_values"] = torch.cat([x["pixel_values"] for x in with_images])
             batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in with_images])
-        # Flat positions (into the batch's first length-1 columns) whose next token carries loss, and those
-        # tokens: the loss gathers them with index_select, so the device never resolves a boolean mask.
-        targets = batch["labels"][:, 1:].reshape(-1)
-        batch["loss_index"] = (targets != IGNORE).nonzero().squeeze(1)
-        batch["loss_targets"] = targets[batch["loss_index"]]
+        # The predicting positions, as flat indices r * L + c into the whole (rows x L) grid (c < L - 1), whose
+        # next token carries loss, and those tokens: the loss gathers hidden.reshape(-1, H) (a view) with
+        # index_select, so the device never resolves a boolean mask and no activation is copied whole.
+        labels = batch["labels"]
+        rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+        batch["loss_index"] = rows * labels.shape[1] + cols
+        batch["loss_targets"] = labels[rows, cols + 1]
         batch["keys"] = [x["key"] for x in items]
         batch["n_samples"] = len(items)
         batch["n_tokens"] = sum(x["input_ids"].numel() for x in items)  # real (non-pad) tokens, for throughput

@@ -8,14 +8,19 @@ Every source format is read into one layout, so packing, collation and evaluatio
 
 Formats (detected per file from its first records; one reader function each):
   - "sharegpt": ShareGPT / LLaMA-Factory `{"messages": [{"role", "content": "<image>..."}], "images": [...]}`.
+    Read by the "openai" reader, which takes string content too: a content-list file whose first record is
+    text-only is detected as sharegpt and still reads its image records.
   - "llava": LLaVA / Qwen `{"image": "a.jpg" | "images": [...], "conversations": [{"from": "human" | "gpt" | "system",
     "value": "<image>\\n..."}]}`.
   - "openai": content lists `{"messages": [{"role", "content": [{"type": "text", "text" | "value": ...},
     {"type": "image", "image": path} | {"type": "image_url", "image_url": {"url": path} | path} |
     {"type": "image_url", "value": path} (LLaMA-Factory v1) | {"type": "image"} (next of a top-level "images")]}]}`.
     An image part's min_pixels / max_pixels / resized_height / resized_width stay on its canonical entry.
-  - "instruction": `{"image_path", "instruction", "input", "output"}` -> user [images, instruction + "\\n" + input].
+  - "instruction": `{"image_path", "instruction", "input", "output"}` -> user [images, instruction + "\\n" + input]
+    (placeholders in instruction / input place the images there instead).
   - "caption": `{"image_path" | "image", "text" | "caption"}` -> user [images], assistant the text.
+  In both, an image placeholder in the answer (output / text / caption) is an image_count_mismatch reject: the
+  images belong to the user turn. `"image": null` / `"images": null` (any format) means no images.
 Any format may add a top-level "system" string; files may hold several images and turns per sample.
 To add a format: write `_read_<name>(record) -> (messages, image list)` and `_is_<name>(record) -> bool`, and
 register both in FORMATS (order = detection priority).
@@ -47,6 +52,10 @@ PLACEHOLDER = re.compile(r"<image>|<image_(?:no_)?(\d+)>|<\|vision_start\|>(.*?)
 # How many records detection looks at before giving up: enough to skip a few broken lines.
 DETECT_WINDOW = 64
 BOM = b"\xef\xbb\xbf"
+
+
+class UnknownFormat(VloraError):
+    """A file holds no records, or none that any reader recognises (in a folder, `pack` skips such .json files)."""
 
 
 class RecordError(ValueError):
@@ -102,6 +111,8 @@ def split_tags(text: str) -> list[dict]:
 
 
 def _image_list(value, key: str) -> list[str]:
+    if value is None:  # `"images": null`, as HF exports and LLaVA's text-only rows write it
+        return []
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
@@ -141,13 +152,20 @@ def _bind_images(messages: list[dict], listed: list[str], resolve: Callable[[str
 class PathResolver:
     """Image reference -> local Path (or the data: URI itself, decoded at pack time).
 
-    A relative path is tried, in order, as image_root/path (when given), annotation_dir/path, then
-    annotation_dir/<path with its leading components dropped one at a time>; the first existing file wins. The
-    last rule covers files whose paths start at a parent folder (LLaMA-Factory's `data/mllm_demo_data/1.jpg`,
-    relative to its repository root); `by_suffix` counts those, so a surprising match can be noticed. When no
-    candidate exists the first is returned, and the missing-image reject names it. Absolute paths and file://
-    URLs stay as they are; http(s) URLs are refused: packing never downloads.
+    A relative path is tried, in order, as image_root/path (when given), annotation_dir/path, then the two
+    fallbacks: ANCESTOR/path for the annotation folder's first PARENT_LEVELS ancestors (paths with a folder in
+    them only), and annotation_dir/<path
+    with leading folders dropped one at a time while at least two components remain>; the first existing file
+    wins. The fallbacks cover paths written relative to a parent folder (LLaMA-Factory's
+    `data/mllm_demo_data/1.jpg`, relative to its repository root, found as repo/data/... or, with the annotation
+    folder standing in for `data/`, as annotation_dir/mllm_demo_data/1.jpg). The file's own folder is never
+    dropped, so `cats/1.jpg` and `dogs/1.jpg` cannot both bind to annotation_dir/1.jpg. `by_suffix` counts the
+    fallback resolutions, so a surprising match can be noticed. When no candidate exists the first is returned,
+    and the missing-image reject names it. Absolute paths and file:// URLs stay as they are; http(s) URLs are
+    refused: packing never downloads.
     """
+
+    PARENT_LEVELS = 3
 
     def __init__(self, annotation_dir: Path, image_root: Path | None = None):
         self.annotation_dir = annotation_dir.expanduser().absolute()
@@ -163,8 +181,10 @@ class PathResolver:
         if path.is_absolute():
             return path
         direct = [d / path for d in (self.image_root, self.annotation_dir) if d is not None]
-        suffixes = [self.annotation_dir / Path(*path.parts[k:]) for k in range(1, len(path.parts))]
-        for n, candidate in enumerate(direct + suffixes):
+        # A bare file name stays beside the annotation file: a same-named file elsewhere is no evidence.
+        ancestors = [a / path for a in self.annotation_dir.parents[: self.PARENT_LEVELS]] if len(path.parts) > 1 else []
+        shorter = [self.annotation_dir / Path(*path.parts[k:]) for k in range(1, len(path.parts) - 1)]
+        for n, candidate in enumerate(direct + ancestors + shorter):
             if candidate.is_file():
                 self.by_suffix += n >= len(direct)
                 return candidate
@@ -180,7 +200,8 @@ def _with_system(record: dict, messages: list[dict]) -> list[dict]:
 
 
 def _role(turn, where: str, key: str) -> str:
-    if not isinstance(turn, dict) or turn.get(key) not in ROLE_NAMES:
+    # isinstance first: `{"from": ["human"]}` is unhashable, and `in` a dict would raise TypeError
+    if not isinstance(turn, dict) or not isinstance(turn.get(key), str) or turn[key] not in ROLE_NAMES:
         _bad(f"{where}.{key} must be one of {', '.join(ROLE_NAMES)}")
     return ROLE_NAMES[turn[key]]
 
@@ -212,17 +233,13 @@ def _is_sharegpt(record: dict) -> bool:
     return bool(contents) and all(isinstance(c, str) for c in contents)
 
 
-def _read_sharegpt(record: dict):
-    return _string_turns(record, "messages", "role", "content"), _image_list(record.get("images", []), "images")
-
-
 def _is_llava(record: dict) -> bool:
     conv = record.get("conversations")
     return isinstance(conv, list) and bool(conv) and isinstance(conv[0], dict) and "from" in conv[0] and "value" in conv[0]
 
 
 def _read_llava(record: dict):
-    key = "images" if "images" in record else "image"
+    key = "images" if record.get("images") is not None else "image"
     return _string_turns(record, "conversations", "from", "value"), _image_list(record.get(key, []), key)
 
 
@@ -283,8 +300,18 @@ IMAGE_KEYS = ("image_path", "image", "images")
 
 
 def _record_images(record: dict) -> list[str]:
-    key = next((k for k in IMAGE_KEYS if k in record), None)
+    key = next((k for k in IMAGE_KEYS if record.get(k) is not None), None)
     return _image_list(record[key], key) if key else []
+
+
+def _answer(record: dict, keys: tuple[str, ...]) -> str:
+    """The answer text, kept verbatim; an image placeholder in it is refused: the images belong to the user turn."""
+    answer = _text_field(record, keys)
+    if m := PLACEHOLDER.search(answer):
+        key = next(k for k in keys if k in record)
+        _mismatch(f"'{key}' (the answer) holds the image placeholder {m.group(0)[:60]!r}; an image belongs to the user "
+                  "turn: move it to the prompt or drop it")
+    return answer
 
 
 def _text_field(record: dict, keys: tuple[str, ...], *, required: bool = True) -> str:
@@ -307,7 +334,7 @@ def _read_instruction(record: dict):
     prompt = split_tags(_text_field(record, ("instruction",)) + ("\n" + extra if extra else ""))
     if not any(p["type"] == "image" for p in prompt):  # placeholders in the prompt place the images themselves
         prompt = [{"type": "image"} for _ in images] + prompt
-    answer = _text_field(record, ("output",))
+    answer = _answer(record, ("output",))
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": [{"type": "text", "text": answer}] if answer else []}], images
 
 
@@ -318,14 +345,16 @@ def _is_caption(record: dict) -> bool:
 
 def _read_caption(record: dict):
     images = _record_images(record)
-    caption = _text_field(record, ("text", "caption"))  # the answer, kept verbatim: no placeholders in it
+    caption = _answer(record, ("text", "caption"))
     return [{"role": "user", "content": [{"type": "image"} for _ in images]},
             {"role": "assistant", "content": [{"type": "text", "text": caption}] if caption else []}], images
 
 
 # name -> (detector, reader); dict order is detection priority.
 FORMATS: dict[str, tuple[Callable[[dict], bool], Callable[[dict], tuple[list[dict], list[str]]]]] = {
-    "sharegpt": (_is_sharegpt, _read_sharegpt),
+    # The openai reader takes string content as well: a file detected as sharegpt from a text-only first
+    # record may go on with content lists (the OpenAI layout) without every image record being refused.
+    "sharegpt": (_is_sharegpt, _read_openai),
     "llava": (_is_llava, _read_llava),
     "openai": (_is_openai, _read_openai),
     "instruction": (_is_instruction, _read_instruction),
@@ -412,7 +441,7 @@ def read_annotations(path, *, image_root=None, fmt: str | None = None) -> Source
         fmt = next((f for f in (detect(raw) for _, raw in head) if f), None)
         if fmt is None:
             what = "has no records" if not head else f"matches no known format in its first {len(head)} records"
-            raise VloraError(f"{path}: {what}; expected {', '.join(FORMATS)} records (see vlora/data/formats.py)")
+            raise UnknownFormat(f"{path}: {what}; expected {', '.join(FORMATS)} records (see vlora/data/formats.py)")
     resolver = PathResolver(path.parent, None if image_root is None else Path(image_root))
 
     def records() -> Iterator[Record]:

@@ -5,7 +5,8 @@ worker. Every record read is either written or rejected (read == written + rejec
 line of rejects.jsonl with its file, record index (and line, for JSON Lines), a reason code and a detail:
 
     invalid_json, invalid_utf8, bad_record    the line or record cannot be read as a sample
-    image_count_mismatch                      placeholders and the image list disagree
+    image_count_mismatch                      placeholders and the image list disagree (or one sits in an answer)
+    special_token                             a Qwen control token (<|im_end|>, <|image_pad|>, ...) in the text
     no_assistant, empty_answer                nothing to learn from
     remote_image                              an http(s) URL: packing never downloads (data: URIs are decoded)
     image_missing, image_unreadable           not there, or not fully decodable (truncated files included)
@@ -24,6 +25,10 @@ The same inputs and flags give byte-identical shards and manifest (fixed tar met
 taken in record order whatever the number of workers), so shard hashes in the manifest identify the data.
 Everything is written to a temporary sibling folder that replaces `out` only when complete: a crash never
 leaves a folder that looks like a finished shard set.
+
+A folder `src` is read one annotation file at a time. Inside it, `.json` files that match no annotation format
+(LLaMA-Factory's dataset_info.json) and folders holding a manifest.json (earlier shard sets) are skipped and
+listed in the summary and the manifest (`skipped`), not read and not an error.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from typing import Iterator
 from PIL import Image
 from webdataset import TarWriter
 
-from vlora.data.formats import BOM, Record, RecordError, Source, read_annotations
+from vlora.data.formats import BOM, Record, RecordError, UnknownFormat, read_annotations
 from vlora.data.manifest import FORMAT, MANIFEST, write_manifest
 from vlora.errors import VloraError
 
@@ -68,6 +73,12 @@ ANNOTATION_SUFFIXES = (".json", ".jsonl")
 # Records per worker task: large enough to amortise the inter-process round trip, small enough to balance.
 CHUNK = 64
 SHOWN_REJECTS = 3  # rejects named on the console when --max-reject is exceeded
+# Qwen's control tokens. In a sample's text the tokenizer turns them into the real tokens: an <|im_end|> or
+# <|im_start|> cuts the turn (and its label mask) short, an <|image_pad|> breaks the image-token count in a data
+# worker. `<|vision_start|>PATH<|vision_end|>` is an image placeholder and is gone by now; a lone one is not.
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>",
+                  "<|vision_start|>", "<|vision_end|>")
+_SPECIAL = re.compile("|".join(map(re.escape, SPECIAL_TOKENS)))
 
 
 @dataclass
@@ -76,11 +87,15 @@ class PackSummary:
 
     read: int = 0
     written: int = 0
+    max_pixels_floor: int = 0  # the largest max_pixels_floor of the written images: data.max_pixels must reach it
     rejected: int = 0
     shards: int = 0
     rejects_by_reason: dict = field(default_factory=dict)
-    paths_resolved_by_suffix: int = 0
+    paths_resolved_by_suffix: int = 0  # image paths found by a PathResolver fallback (ancestor folder, shorter path)
     first_rejects: list = field(default_factory=list)  # the first SHOWN_REJECTS lines of rejects.jsonl
+    skipped: list = field(default_factory=list)  # "name (why)" of files and folders under a folder src not read
+    shard_size: int = 0
+    last_shard: int = 0  # samples in the last shard: readers whose share holds it get fewer samples per epoch
     src: str = ""
     out: str = ""
     seconds: float = 0.0
@@ -92,8 +107,12 @@ def format_summary(s: PackSummary) -> str:
     if s.rejected:
         reasons = ", ".join(f"{r} {n}" for r, n in s.rejects_by_reason.items())
         line += f" ({reasons}; see {Path(s.out) / REJECTS})"
+    if s.shards > 1 and s.last_shard < s.shard_size:  # uneven shards make uneven per-reader epochs (stream.py)
+        line += f", last shard {s.last_shard} of {s.shard_size} samples"
+    if s.skipped:
+        line += f", skipped {len(s.skipped)} ({'; '.join(s.skipped[:3])}{'; ...' if len(s.skipped) > 3 else ''})"
     if s.paths_resolved_by_suffix:
-        line += f", {s.paths_resolved_by_suffix} image path(s) resolved by suffix"
+        line += f", {s.paths_resolved_by_suffix} image path(s) resolved by fallback (ancestor folder or shorter path)"
     rate = s.written / s.seconds if s.seconds > 0 else 0.0
     return line + f" in {s.seconds:.1f} s ({rate:.0f} samples/s)"
 
@@ -135,6 +154,11 @@ def validate(sample: dict) -> None:
     tags = sum(part["type"] == "image" for m in messages for part in m["content"])
     if tags != len(sample["images"]):  # formats.py binds them one to one; a guard against a new reader's bug
         raise RecordError("image_count_mismatch", f"{tags} <image> tag(s) but {len(sample['images'])} image(s); make them match")
+    for j, m in enumerate(messages):
+        for part in m["content"]:
+            if part["type"] == "text" and (hit := _SPECIAL.search(part["text"])):
+                raise RecordError("special_token", f"message {j} ({m['role']}) holds Qwen's special token {hit.group(0)}, which "
+                                                   "would cut the turn or its image tokens short; remove it or spell it differently")
     if not any(m["role"] == "assistant" for m in messages):
         raise RecordError("no_assistant", "no assistant turn, nothing to learn; add an answer")
     for j, m in enumerate(messages):
@@ -211,6 +235,20 @@ def resized_size(entry: dict, width: int, height: int, *, min_pixels: int, max_p
     if not h or not w:
         raise RecordError("bad_aspect_ratio", f"a {width}x{height} image resizes to {w}x{h} under max_pixels {hi}; raise max_pixels or crop it")
     return h, w
+
+
+def max_pixels_floor(entry: dict, width: int, height: int, factor: int = QWEN_FACTOR) -> int:
+    """The smallest run max_pixels (data.max_pixels) under which image `entry` still resizes without a zero side;
+    0 when the run's limit plays no part (the entry brings its own max_pixels or a fixed size).
+
+    smart_resize shrinks an image only when its factor-rounded size exceeds max_pixels, and then a side comes out
+    zero exactly when max_pixels * short side < factor^2 * long side. Both bounds are upward-closed, so the
+    smaller one is the threshold (+1 on the second: no float rounding at the exact boundary).
+    """
+    if "max_pixels" in entry or ("resized_height" in entry and "resized_width" in entry):
+        return 0
+    fits = max(factor, round(height / factor) * factor) * max(factor, round(width / factor) * factor)
+    return min(fits, factor * factor * max(width, height) // min(width, height) + 1)
 
 
 class TokenCounter:
@@ -416,29 +454,66 @@ def _swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def annotation_files(src: Path, out: Path) -> list[Path]:
-    """`src` itself, or every *.json / *.jsonl under the folder `src` (recursive, sorted), skipping hidden
-    folders and the output folder (whose manifest.json is not an annotation file)."""
+def annotation_files(src: Path, out: Path) -> tuple[list[Path], list[str]]:
+    """(`src` itself, or every *.json / *.jsonl under the folder `src` (recursive, sorted); the skipped folders).
+
+    Hidden folders and the output folder are left out silently; folders holding a manifest.json (earlier shard
+    sets, whose manifest.json and rejects.jsonl are no annotation files) are left out and named, relative to src.
+    """
     if not src.is_dir():
-        return [src]
-    files = sorted(
-        p for p in src.rglob("*")
-        if p.suffix in ANNOTATION_SUFFIXES and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(src).parts)
-        and out.absolute() not in p.absolute().parents
-    )  # fmt: skip
+        return [src], []
+    files, shard_sets = [], set()
+    for p in sorted(src.rglob("*")):
+        if p.suffix not in ANNOTATION_SUFFIXES or not p.is_file():
+            continue
+        rel = p.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts) or out.absolute() in p.absolute().parents:
+            continue
+        folders = [Path(*rel.parts[:k]) for k in range(len(rel.parts))]  # ".", "a", "a/b", ...: src down to p's folder
+        if shard_set := next((f for f in folders if (src / f / MANIFEST).is_file()), None):
+            shard_sets.add(shard_set)
+            continue
+        files.append(p)
+    skipped = [f"{f.as_posix()}/ (shard folder)" for f in sorted(shard_sets)]
     if not files:
-        raise VloraError(f"{src}: no .json or .jsonl annotation files in this folder")
-    return files
+        extra = f" (skipped {'; '.join(skipped)})" if skipped else ""
+        raise VloraError(f"{src}: no .json or .jsonl annotation files in this folder{extra}")
+    return files, skipped
 
 
-def _records(sources: list[tuple[str, str, Source]], stats: list[dict]) -> Iterator[tuple[tuple[str, str, Record], dict | None]]:
-    """((file name, key stem, record), sample) over all sources, counting records and path fallbacks per file."""
-    for (name, stem, source), st in zip(sources, stats):
+def _records(entries: list[tuple[str, str, Path]], open_file, stats: list[dict], skipped: list[str], *,
+             in_folder: bool) -> Iterator[tuple[tuple[str, str, Record], dict | None]]:
+    """((file name, key stem, record), sample) over all files, opened one at a time by `open_file(path)`.
+
+    Appends a stats entry per file read (records, path fallbacks). In a folder, a .json file that matches no
+    format (UnknownFormat) is skipped and named in `skipped`; a lone file or a .jsonl is meant as data: an error.
+    """
+    for name, stem, path in entries:
+        try:
+            source = open_file(path)
+        except UnknownFormat:
+            if not in_folder or path.suffix != ".json":
+                raise
+            skipped.append(f"{name} (no known annotation format)")
+            continue
+        st = {"file": name, "format": source.format, "records": 0, "path": path}
+        stats.append(st)
         for rec in source.records:
             st["records"] += 1
             yield (name, stem, rec), rec.sample
         st["paths_resolved_by_suffix"] = source.resolver.by_suffix
+
+
+def _check_not_inside(out: Path, **paths) -> None:
+    """Packing deletes the old `out` when it swaps the new one in: no input may live there."""
+    out_real = out.resolve()
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        real = Path(path).resolve()
+        if real == out_real or out_real in real.parents:
+            raise VloraError(f"--{flag.replace('_', '-')} {path} lies inside the output folder {out}, which packing "
+                             "replaces (deleting what is in it); choose another --out")
 
 
 def _count_records(files: list[Path]) -> int | None:
@@ -483,19 +558,26 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
         counter = TokenCounter(str(model), min_pixels=min_pixels, max_pixels=max_pixels)
     checker = Checker(max_image_pixels=max_image_pixels, min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=max_tokens, counter=counter)
 
-    files = annotation_files(src, out_abs)
+    if not src.exists():
+        raise VloraError(f"{src}: annotation file not found; check the path")
+    _check_not_inside(out_abs, src=src, image_root=image_root)
+    files, skipped = annotation_files(src, out_abs)
     # Names relative to src, not full paths: the same data packed from elsewhere gives the same bytes.
     names = [p.name if p == src else p.relative_to(src).as_posix() for p in files]
-    stems = [n.rsplit(".", 1)[0] for n in names]
-    sources = [(n, s, read_annotations(p, image_root=image_root, fmt=fmt)) for n, s, p in zip(names, stems, files)]
+    entries = [(n, n.rsplit(".", 1)[0], p) for n, p in zip(names, files)]
+    if not src.is_dir():  # one file: its format errors come before anything is written
+        opened = read_annotations(src, image_root=image_root, fmt=fmt)
+        open_file = lambda path: opened  # noqa: E731
+    else:  # a folder: files are opened (and JSON arrays parsed) one at a time, as the records are needed
+        open_file = lambda path: read_annotations(path, image_root=image_root, fmt=fmt)  # noqa: E731
     _check_out(out)
     out_abs.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_abs.with_name(f".{out_abs.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
 
-    s = PackSummary(src=str(src), out=str(out))
-    stats = [{"file": n, "format": source.format, "records": 0} for n, _, source in sources]
+    s = PackSummary(src=str(src), out=str(out), shard_size=shard_size, skipped=skipped)
+    stats: list[dict] = []  # one entry per annotation file read, filled as the files are opened
     # Ids are often unique per file only: in a folder, keys are scoped by file so two files cannot collide.
     scoped = src.is_dir()
     rejects, keys = [], {}
@@ -507,7 +589,8 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
             from tqdm import tqdm
 
             bar = tqdm(total=_count_records(files), unit="sample", desc="pack", dynamic_ncols=True)
-        for (name, stem, rec), result in _checked(_records(sources, stats), checker, workers):
+        records = _records(entries, open_file, stats, s.skipped, in_folder=src.is_dir())
+        for (name, stem, rec), result in _checked(records, checker, workers):
             s.read += 1
             if bar is not None:
                 bar.update()
@@ -530,17 +613,23 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
                 if len(s.first_rejects) < SHOWN_REJECTS:
                     s.first_rejects.append(reject)
                 continue
+            parts = [p for m in rec.sample["messages"] for p in m["content"] if p["type"] == "image"]
+            floors = [max_pixels_floor(p, z["width"], z["height"]) for p, z in zip(parts, sizes)]
+            s.max_pixels_floor = max([s.max_pixels_floor, *floors])
             meta = {"messages": rec.sample["messages"], "source": {"file": name, "index": rec.index, **line}, "images": sizes}
             writer.write({"__key__": key, "json": _dumps(meta), **entry})
             s.written += 1
+        if not stats:
+            raise VloraError(f"{src}: no annotation file in this folder matches a known format (skipped {'; '.join(s.skipped)})")
         shards = writer.close()
         (tmp / REJECTS).write_bytes(b"".join(rejects))
         s.shards = len(shards)
+        s.last_shard = shards[-1]["samples"] if shards else 0
         s.rejects_by_reason = dict(sorted(s.rejects_by_reason.items()))
         s.paths_resolved_by_suffix = sum(st["paths_resolved_by_suffix"] for st in stats)
         assert s.read == s.written + s.rejected == sum(st["records"] for st in stats)
-        for st, path in zip(stats, files):
-            st["sha256"] = _sha256_file(path)
+        for st in stats:
+            st["sha256"] = _sha256_file(st.pop("path"))
         manifest = {
             "format": FORMAT,
             "samples": s.written,
@@ -550,8 +639,12 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
             "paths_resolved_by_suffix": s.paths_resolved_by_suffix,
             "shards": shards,
             "sources": stats,
+            "skipped": s.skipped,
+            # max_pixels_floor: a training run's data.max_pixels below it could resize an image here to a zero side
+            # (config.validate refuses that); it may lie far below max_pixels, which the images were checked at.
             "checks": {"max_image_pixels": max_image_pixels, "max_aspect_ratio": MAX_ASPECT_RATIO, "min_pixels": min_pixels,
-                       "max_pixels": max_pixels} | ({"max_tokens": max_tokens, "model": str(model)} if counter else {}),
+                       "max_pixels": max_pixels, "max_pixels_floor": s.max_pixels_floor}
+                      | ({"max_tokens": max_tokens, "model": str(model)} if counter else {}),
         }
         write_manifest(tmp, manifest)
         _swap_in(tmp, out_abs)

@@ -26,12 +26,19 @@ open shard at its offset by reading tar headers (no sample data) and seeking the
 
 The held-out stream is finite and deterministic: every rank reads the same samples in the same order and
 keeps every world-th one.
+
+Balance. Readers are pulled at the same rate, so a reader whose share of an epoch is smaller (fewer shards, or
+the short last shard) starts its next epoch sooner and its samples are seen more often. `train_loader` logs a
+warning (rank 0) when the shares of the first BALANCE_EPOCHS epochs differ by more than BALANCE_TOLERANCE.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
+import json
+import logging
 import math
 import random
 import re
@@ -51,6 +58,10 @@ from vlora.errors import VloraError
 STATE_FORMAT = "vlora-stream/1"
 OPEN_SHARDS = 4  # shards a reader interleaves at once
 _MIX_BLOCK = 1024  # mixing draws generated per seeded block
+BALANCE_EPOCHS = 4  # epochs whose per-reader shares the start-up balance check looks at
+BALANCE_TOLERANCE = 0.10  # largest share over smallest share above 1 + this: a warning
+
+log = logging.getLogger("vlora")
 
 
 def check_enough_shards(shard_dir: str, n_shards: int, world_size: int, num_workers: int) -> None:
@@ -124,16 +135,20 @@ class Source:
     urls: tuple[str, ...]
     sizes: tuple[int, ...]
     weight: float = 1.0
+    content: str = ""  # hash of the manifest's shard sha256 list: a repack with other data changes it
 
     @classmethod
     def load(cls, folder: str, weight: float = 1.0) -> Source:
         manifest = read_manifest(folder)
         if not any(s["samples"] for s in manifest["shards"]):
             raise VloraError(f"{folder}: its manifest.json lists no samples; pack some data into it")
-        return cls(str(folder), tuple(shard_paths(folder)), tuple(s["samples"] for s in manifest["shards"]), float(weight))
+        content = hashlib.sha256(json.dumps([s.get("sha256") for s in manifest["shards"]]).encode()).hexdigest()[:16]
+        return cls(str(folder), tuple(shard_paths(folder)), tuple(s["samples"] for s in manifest["shards"]), float(weight),
+                   content)
 
     def fingerprint(self) -> dict:
-        return {"folder": self.folder, "shards": len(self.sizes), "samples": sum(self.sizes), "weight": self.weight}
+        return {"folder": self.folder, "shards": len(self.sizes), "samples": sum(self.sizes), "weight": self.weight,
+                "content": self.content}
 
 
 def global_reader(rank: int, world_size: int, role: int) -> int:
@@ -146,12 +161,43 @@ def global_reader(rank: int, world_size: int, role: int) -> int:
     return rank + world_size * role
 
 
+def _epoch_order(n_shards: int, seed: int, dataset: int, epoch: int) -> list[int]:
+    order = list(range(n_shards))
+    random.Random(f"vlora-stream/{seed}/{dataset}/{epoch}").shuffle(order)
+    return order
+
+
 def reader_shards(n_shards: int, *, seed: int, dataset: int, epoch: int, rank: int, world_size: int, role: int,
                   workers: int) -> list[int]:
     """Shard indices of reader (rank, role) in an epoch: one permutation for all ranks, split by node then worker."""
-    order = list(range(n_shards))
-    random.Random(f"vlora-stream/{seed}/{dataset}/{epoch}").shuffle(order)
-    return order[rank::world_size][role::workers]
+    return _epoch_order(n_shards, seed, dataset, epoch)[rank::world_size][role::workers]
+
+
+def reader_shares(sizes: Sequence[int], *, seed: int, dataset: int, world_size: int, workers: int,
+                  epochs: int = BALANCE_EPOCHS) -> list[list[int]]:
+    """Samples per epoch of every reader (all ranks x workers, in (rank, role) order) for the first `epochs` epochs."""
+    out = []
+    for epoch in range(epochs):
+        order = _epoch_order(len(sizes), seed, dataset, epoch)
+        out.append([sum(sizes[s] for s in order[rank::world_size][role::workers])
+                    for rank in range(world_size) for role in range(workers)])
+    return out
+
+
+def warn_if_unbalanced(source: Source, dataset: int, *, seed: int, world_size: int, workers: int) -> str | None:
+    """Log (and return) a warning when readers' per-epoch shares of `source` differ by more than BALANCE_TOLERANCE."""
+    shares = reader_shares(source.sizes, seed=seed, dataset=dataset, world_size=world_size, workers=workers)
+    lo, hi = min(min(e) for e in shares), max(max(e) for e in shares)
+    if hi <= (1 + BALANCE_TOLERANCE) * lo:
+        return None
+    readers = world_size * workers
+    often = f"up to {hi / lo:.2f}x as often" if lo else "far more often"
+    msg = (f"{source.folder}: its {len(source.sizes)} shard(s) give the {readers} readers ({world_size} rank(s) x {workers} "
+           f"worker(s)) uneven epochs, {lo} to {hi} samples each; readers are pulled at the same rate, so samples of "
+           f"the smaller shares are seen {often}. Repack with `vlora pack --shard-size N` so that the shards are many "
+           f"(several per reader) and even")
+    log.warning(msg)
+    return msg
 
 
 # --- one reader -------------------------------------------------------------------------------------
@@ -460,9 +506,16 @@ def _check_state(state: dict, header: dict, n_sources: int) -> None:
                              "an exact resume needs the same ranks, workers, seed and shard folders")
     saved, now = state.get("sources"), header["sources"]
     if not isinstance(saved, list) or len(saved) != len(now) or any(
-            (a.get("shards"), a.get("samples")) != (b["shards"], b["samples"]) for a, b in zip(saved, now)):
+            not isinstance(a, dict) or (a.get("shards"), a.get("samples")) != (b["shards"], b["samples"])
+            for a, b in zip(saved, now)):
         raise VloraError(f"data-stream state was saved for sources {saved}, this run reads {now}: the shard folders "
                          "changed, so the saved position means nothing; start the data stream afresh")
+    for a, b in zip(saved, now):
+        # A state saved before the content hash existed has none: the counts above are all it can be checked by.
+        if a.get("content") is not None and a["content"] != b["content"]:
+            raise VloraError(f"data-stream state was saved for other data in {b['folder']} (shard hashes {a['content']}, now "
+                             f"{b['content']}): the shard folder was repacked, so the saved position means nothing; "
+                             "restore the old shards or start the data stream afresh")
     readers = state.get("readers")
 
     def count(x) -> bool:
@@ -492,6 +545,9 @@ def train_loader(sources, *, rank: int, world_size: int, num_workers: int, seed:
     for src in loaded:
         check_enough_shards(src.folder, len(src.sizes), world_size, num_workers)
     workers = max(1, num_workers)
+    if rank == 0:  # every rank would compute the same: say it once
+        for d, src in enumerate(loaded):
+            warn_if_unbalanced(src, d, seed=seed, world_size=world_size, workers=workers)
     header = {"format": STATE_FORMAT, "rank": rank, "world_size": world_size, "workers": workers, "seed": seed,
               "open_shards": open_shards, "sources": [s.fingerprint() for s in loaded]}
     consumed, states = 0, None
