@@ -9,7 +9,7 @@ SRC     ?=
 OUT     ?=
 PACK_ARGS ?=
 
-.PHONY: setup demo shards demo-shards tiny-model train test test-fast lint clean
+.PHONY: setup demo shards demo-shards tiny-model train slurm-demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,20 @@ demo: $(TINY)/config.json demo-shards
 
 train: | $(STAMP)
 	.venv/bin/torchrun --standalone --nproc_per_node $(NPROC) --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 train.py $(ARGS)
+
+# `make slurm-demo`: the demo run as a batch job (launch/slurm.sbatch, one node, NPROC processes) on whichever
+# Slurm `sbatch` finds (SLURM_CONF names a cluster); follows the job's log until the job leaves the queue.
+# Nodes without GPUs get --gpus-per-node=0; SLURM_ARGS adds sbatch options, ARGS config overrides.
+slurm-demo: $(TINY)/config.json demo-shards
+	@mkdir -p runs
+	@if sinfo -h -o %G | grep -q gpu; then res="--gpus-per-node=$(NPROC)"; else res="--gpus-per-node=0"; fi; \
+	job=$$(GPUS_PER_NODE=$(NPROC) sbatch --parsable --nodes=1 $$res --cpus-per-task=$(NPROC) \
+	  --job-name=vlora-demo --output=runs/slurm-demo-%j.out $(SLURM_ARGS) launch/slurm.sbatch run.name=slurm-demo $(ARGS)) \
+	  || exit 1; job=$${job%%;*}; log=runs/slurm-demo-$$job.out; echo "job $$job ($$res): $$log"; \
+	tail -n +1 -F $$log 2>/dev/null & tailer=$$!; \
+	while [ -n "$$(squeue -h -j $$job 2>/dev/null)" ]; do sleep 2; done; sleep 1; kill $$tailer; \
+	state=$$(scontrol show job -o $$job | grep -oE '(JobState|Restarts|ExitCode)=[^ ]*' | tr '\n' ' '); \
+	echo "job $$job: $$state"; case "$$state" in JobState=COMPLETED*) ;; *) exit 1;; esac
 
 test: | $(STAMP)
 	$(PY) -m pytest -q

@@ -105,7 +105,15 @@ class RunArgs:
     out_dir: str = "runs"  # the run lives in out_dir/name
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16
-    engine: str = "ddp"  # ddp (DeepSpeed comes later)
+    # ddp (plain DistributedDataParallel) | deepspeed (ZeRO, as run.deepspeed_config says). Same loop either way.
+    engine: str = "ddp"
+    # DeepSpeed JSON for engine=deepspeed: ds_configs/zero2.json (default), zero3.json, zero3_offload.json or yours.
+    # vlora writes batch sizes, accumulation, precision and clipping into it from optim.* / run.precision; the
+    # file sets only what it names (ZeRO stage, buckets, offload, ...). A key it shares with vlora must agree.
+    deepspeed_config: str = "ds_configs/zero2.json"
+    # ZeRO-3 only: create the model already partitioned (deepspeed.zero.Init through transformers), so no rank
+    # ever holds the whole base; false loads the whole base on every rank and partitions it afterwards.
+    zero3_init: bool = True
     eval_every: int = 0  # optimizer steps between evaluations; 0 = only before and after training
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     keep_last: int = 2  # checkpoints kept
@@ -142,7 +150,7 @@ CHOICES = {
     "model.compute_dtype": ("auto", "fp32", "bf16", "fp16"),
     "model.attn_implementation": ("sdpa", "eager"),
     "run.precision": ("auto", "fp32", "bf16", "fp16"),
-    "run.engine": ("ddp",),
+    "run.engine": ("ddp", "deepspeed"),
     "data.train_on": ("assistant", "all"),
 }
 
@@ -177,6 +185,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 raise TypeError
             return float(value)
         if hint is str:
+            if isinstance(value, (list, tuple)) and key in JOINED_LISTS and all(isinstance(v, (str, int, float)) for v in value):
+                return ",".join(str(v).strip() for v in value)  # data.train: [a:2, b] in YAML = "a:2,b"
+            if isinstance(value, (list, tuple, dict)):  # str() of it would be a nonsense path or name
+                raise TypeError
             return "" if value is None else str(value)
     except (TypeError, ValueError):
         pass
@@ -184,7 +196,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise VloraError(f"config key '{key}' expects {name}, got {value!r}")
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
+# str keys that YAML may give as a list: joined with "," (the form the key documents).
+JOINED_LISTS = ("data.train",)
+
+
+def _set(cfg: Config, key: str, value: Any, *, text: bool = False) -> None:
+    """Set `key` to `value`; `text`: value is a command-line override's raw text (YAML-parsed unless the field is a str)."""
     sections = _sections(cfg)
     section, _, name = key.partition(".")
     known = [f"{s}.{f.name}" for s, obj in sections.items() for f in dataclasses.fields(obj)]
@@ -193,7 +210,13 @@ def _set(cfg: Config, key: str, value: Any) -> None:
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
         raise VloraError(f"unknown config key '{key}'{suggestion}")
     obj = sections[section]
-    setattr(obj, name, _coerce(key, value, get_type_hints(type(obj))[name]))
+    hint = get_type_hints(type(obj))[name]
+    if text and hint is not str:  # a str field keeps the text as typed: run.name=007 stays "007", =yes stays "yes"
+        try:
+            value = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise VloraError(f"override '{key}={value}' is not a valid value: {str(e).splitlines()[0]}") from None
+    setattr(obj, name, _coerce(key, value, hint))
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
@@ -218,7 +241,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         key, eq, value = item.partition("=")
         if not eq:
             raise VloraError(f"override '{item}' must look like section.key=value")
-        _set(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        _set(cfg, key.strip(), value, text=True)
     return cfg
 
 
@@ -290,6 +313,26 @@ def _check_model_lora_optim(cfg: Config) -> None:
                              "freeze a component with model.freeze_* instead")
 
 
+def _check_packed_pixels(data: DataArgs, folder: str, checks: dict) -> None:
+    """data.max_pixels must not be below what `vlora pack` made sure every image of `folder` resizes under.
+
+    Only max_pixels can break a resize (a narrow image shrunk to a zero side in a data worker); min_pixels only
+    ever enlarges. The manifest's max_pixels_floor is the smallest safe value for its images; a manifest without
+    it (an older pack) is held to the max_pixels it was checked at.
+    """
+    floor = checks.get("max_pixels_floor")
+    if isinstance(floor, int):
+        if data.max_pixels < floor:
+            raise VloraError(f"data.max_pixels={data.max_pixels} is below {floor}, the least that every image in {folder} "
+                             "resizes under without a zero side (its narrowest image); raise data.max_pixels to "
+                             f"{floor} or repack with `vlora pack --max-pixels {data.max_pixels}`, which rejects those images")
+    elif isinstance(checks.get("max_pixels"), int) and data.max_pixels < checks["max_pixels"]:
+        raise VloraError(f"data.max_pixels={data.max_pixels} is below max_pixels={checks['max_pixels']}, which {folder} was "
+                         "packed (its images checked) with, so a narrow image may resize to a zero side in a data worker; "
+                         f"set data.max_pixels >= {checks['max_pixels']} or repack with this vlora (or with --max-pixels "
+                         f"{data.max_pixels})")
+
+
 def validate(cfg: Config, world_size: int = 1) -> Plan:
     """Check everything that can be checked without a model; return the batch arithmetic."""
     for key, allowed in CHOICES.items():
@@ -313,6 +356,7 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
         "optim.weight_decay": cfg.optim.weight_decay, "data.num_workers": cfg.data.num_workers,
         "data.pack_length": cfg.data.pack_length, "lora.dropout": cfg.lora.dropout,
         "run.eval_every": cfg.run.eval_every, "run.save_every": cfg.run.save_every,
+        "data.val_samples": cfg.data.val_samples,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -321,6 +365,11 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
         raise VloraError(f"config key 'optim.lr' must be positive, got {cfg.optim.lr}")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise VloraError(f"config key 'optim.min_lr_ratio' must lie in [0, 1], got {cfg.optim.min_lr_ratio}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg.optim, key) < 1:
+            raise VloraError(f"config key 'optim.{key}' must lie in [0, 1), got {getattr(cfg.optim, key)}")
+    if not cfg.optim.eps > 0:
+        raise VloraError(f"config key 'optim.eps' must be positive, got {cfg.optim.eps}")
     if cfg.data.max_pixels < cfg.data.min_pixels:
         raise VloraError(f"data.max_pixels ({cfg.data.max_pixels}) is below data.min_pixels ({cfg.data.min_pixels})")
     if cfg.optim.warmup_steps > cfg.optim.max_steps:
@@ -340,18 +389,26 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
     from vlora.data.stream import check_sources
 
     # Manifests are read now, so a missing or damaged shard is named here, not in a data worker later.
-    check_sources(cfg.data.train, world_size, cfg.data.num_workers)  # "dir:weight,..." parsed, each folder checked
+    sources = check_sources(cfg.data.train, world_size, cfg.data.num_workers)  # "dir:weight,..." parsed, each checked
+    folders = [folder for folder, _ in sources]
     if cfg.data.val:
         if not Path(cfg.data.val).is_dir():
             raise VloraError(f"data.val shard folder '{cfg.data.val}' does not exist; run `make shards` or `vlora pack`")
-        read_manifest(cfg.data.val)
+        folders.append(cfg.data.val)
+    for folder in folders:
+        _check_packed_pixels(cfg.data, folder, read_manifest(folder).get("checks", {}))
     run_dir = cfg.run_dir
     if run_dir.is_dir() and any(run_dir.iterdir()) and not (cfg.run.overwrite or cfg.run.resume):
         raise VloraError(f"run folder {run_dir} already holds a run; set run.resume=auto to continue it, "
                          "run.overwrite=true to start afresh, or choose another run.name")
     if cfg.run.overwrite and cfg.run.resume:
         raise VloraError("run.overwrite=true would delete the checkpoint that run.resume asks for; set only one")
-    return Plan(grad_accum=cfg.optim.global_batch // per_pass)
+    plan = Plan(grad_accum=cfg.optim.global_batch // per_pass)
+    if cfg.run.engine == "deepspeed":
+        from vlora.engine import deepspeed_config
+
+        deepspeed_config(cfg, plan, world_size)  # the JSON is read and checked against optim.* now, not after loading
+    return plan
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -35,8 +35,12 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(timeout_s: int = 600) -> World:
-    """Read torchrun's environment, pick the device, and join the process group when there is more than one rank."""
+def init_distributed(timeout_s: int = 600, always_group: bool = False) -> World:
+    """Read torchrun's environment, pick the device, and join the process group when there is more than one rank
+    (or always, with `always_group`: DeepSpeed needs a group also in a world of one).
+
+    `timeout_s` (run.dist_timeout_s) bounds every collective: one that waits longer raises on the waiting ranks.
+    """
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     size = world_size_from_env()
@@ -45,20 +49,39 @@ def init_distributed(timeout_s: int = 600) -> World:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if size > 1 and not dist.is_initialized():
+    if (size > 1 or always_group) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        # Alone and not started by torchrun: a private rendezvous on a free local port.
+        alone = {} if "MASTER_ADDR" in os.environ else {
+            "init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": rank, "world_size": size}
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if device.type == "cuda" else None,
+            **alone,
         )
     return World(rank=rank, local_rank=local_rank, size=size, device=device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks; a no-op in a world of one."""
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """In-place maximum over ranks; a no-op in a world of one."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
@@ -96,3 +119,62 @@ class PreemptionSignal:
     def restore(self) -> None:
         for sig in self.SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+
+
+class Heartbeat:
+    """Each rank's newest step, in the process group's key-value store (torchrun's agent hosts it, so it outlives
+    any one rank): when a collective times out, the ranks that never got as far can be named.
+
+    One small store write per rank and step; nothing without a process group.
+    """
+
+    def __init__(self, world: World):
+        self.world = world
+        self.store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+
+    def _key(self, rank: int) -> str:
+        return f"vlora/heartbeat/rank{rank}"
+
+    def beat(self, step: int) -> None:
+        """This rank has its data for `step` and enters the step's collectives."""
+        if self.store is not None:
+            self.store.set(self._key(self.world.rank), str(step))
+
+    def behind(self, step: int) -> dict[int, int]:
+        """{rank: newest step it entered} for every rank that has not entered `step` (0: not even the first)."""
+        if self.store is None:
+            return {}
+        late = {}
+        for rank in range(self.world.size):
+            key = self._key(rank)
+            last = int(self.store.get(key)) if self.store.check([key]) else 0
+            if last < step:
+                late[rank] = last
+        return late
+
+
+# What gloo (and NCCL, where the error reaches Python) say when a collective waited too long or lost a peer.
+_TIMEOUT_MARKERS = ("timed out", "timeout")
+_LOST_PEER_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe")
+
+
+def collective_failure(err: BaseException, *, step: int, timeout_s: int, heartbeat: Heartbeat) -> str | None:
+    """One line for a collective that timed out or lost a peer during `step`, naming the ranks that did not get as
+    far (the stalled or dead ones); None when `err` is something else."""
+    text = str(err).lower()
+    timed_out = any(m in text for m in _TIMEOUT_MARKERS)
+    if not isinstance(err, RuntimeError) or not (timed_out or any(m in text for m in _LOST_PEER_MARKERS)):
+        return None
+    if timed_out:
+        what = f"collective at step {step} timed out after {timeout_s} s (run.dist_timeout_s)"
+    else:
+        what = f"collective at step {step} lost a peer ({str(err).strip().splitlines()[0][-160:]})"
+    try:
+        late = heartbeat.behind(step)
+    except Exception:  # the store itself may be gone with the job
+        return f"{what}; the other ranks' progress is unknown"
+    if not late:
+        return f"{what}; every rank entered step {step}, so one stopped inside it (see the other ranks' logs)"
+    named = ", ".join(f"rank {r} (last entered step {s})" if s else f"rank {r} (never entered a step)"
+                      for r, s in sorted(late.items()))
+    return f"{what}; stopped answering: {named}"

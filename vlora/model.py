@@ -71,7 +71,9 @@ def unquantized_modules(cfg: Config) -> list[str]:
     return list(UNQUANTIZED_MODULES)
 
 
-def quantization_config(cfg: Config, compute_dtype: torch.dtype):
+def quantization_config(cfg: Config, compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None):
+    """bitsandbytes' 4-bit config; `quant_storage` is the dtype the packed weights are stored in (default uint8;
+    ZeRO-3 wants the dtype of the other weights, see engine.DeepSpeedEngine.quant_storage)."""
     if cfg.model.quant == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -81,13 +83,16 @@ def quantization_config(cfg: Config, compute_dtype: torch.dtype):
         bnb_4bit_quant_type=cfg.model.quant,
         bnb_4bit_use_double_quant=cfg.model.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage or torch.uint8,
         llm_int8_skip_modules=unquantized_modules(cfg),
     )
 
 
-def load_base_model(cfg: Config, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+def load_base_model(cfg: Config, device: torch.device, compute_dtype: torch.dtype,
+                    quant_storage: torch.dtype | None = None) -> nn.Module:
     """The frozen base exactly as a user would load it with transformers, on this rank's device."""
     from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.integrations import is_deepspeed_zero3_enabled
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-weight loading bar on every rank drowns the log
@@ -96,8 +101,9 @@ def load_base_model(cfg: Config, device: torch.device, compute_dtype: torch.dtyp
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path,
             dtype=compute_dtype,
-            quantization_config=quantization_config(cfg, compute_dtype),
-            device_map={"": device},
+            quantization_config=quantization_config(cfg, compute_dtype, quant_storage),
+            # Under ZeRO-3 initialisation (engine.DeepSpeedEngine.model_init) DeepSpeed places each partition.
+            device_map=None if is_deepspeed_zero3_enabled() else {"": device},
             attn_implementation=cfg.model.attn_implementation,
         )
     except (OSError, ValueError) as e:
@@ -280,11 +286,12 @@ def load_init_adapter(peft_model: nn.Module, path: str | Path) -> dict[str, dict
     return report
 
 
-def build_model(cfg: Config, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+def build_model(cfg: Config, device: torch.device, compute_dtype: torch.dtype,
+                quant_storage: torch.dtype | None = None) -> nn.Module:
     """The base with LoRA placed, frozen where configured, optionally started from an earlier adapter; logs all."""
     from vlora.metrics import log
 
-    model = apply_lora(load_base_model(cfg, device, compute_dtype), cfg)
+    model = apply_lora(load_base_model(cfg, device, compute_dtype, quant_storage), cfg)
     for line in describe_lora(model):
         log.info(line)
     if cfg.lora.init_from:
@@ -325,39 +332,56 @@ class SupervisedLoss(nn.Module):
     accumulation and world size do not change the gradient. The peft model is the only registered child, so DDP
     sees exactly the parameters that peft made trainable. The collator supplies the supervised positions as
     flat indices (`loss_index`, `loss_targets`), so no boolean mask is resolved on the device (a host sync).
+
+    `vision_lockstep` (ZeRO-3, whose forward gathers each module's weights with a collective): a batch without
+    images still runs the vision tower, at the point where images would run, so every rank gathers the same
+    weights in the same order.
     """
 
-    def __init__(self, peft_model: nn.Module):
+    def __init__(self, peft_model: nn.Module, vision_lockstep: bool = False):
         super().__init__()
         self.peft_model = peft_model
         visual = peft_model.get_base_model().model.visual
         # If anything in the vision tower or merger trains, every backward must reach it, also for a batch
         # without images: DDP (and ZeRO) expect the same parameters to receive gradients on every rank.
         self.vision_trains = any(p.requires_grad for p in visual.parameters())
+        self.vision_lockstep = vision_lockstep
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hf = self.peft_model.get_base_model()
-        # A packed batch has no attention_mask and 4-row position_ids (text positions first): transformers then
-        # keeps attention within each packed sample, but only without a cache, hence use_cache=False.
-        hidden = hf.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch["position_ids"],
-            pixel_values=batch.get("pixel_values"),
-            image_grid_thw=batch.get("image_grid_thw"),
-            use_cache=False,
-        ).last_hidden_state
-        # Position t predicts token t+1; only the supervised positions go through lm_head.
-        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        idle_hook = None
+        if batch.get("pixel_values") is None and (self.vision_trains or self.vision_lockstep):
+            # The model runs the token embedding, then the vision tower, whose features join the layers' input.
+            # The idle pass runs right after the embedding too and joins the input weighted zero: the same modules
+            # run forward and backward in the same order as for a batch with images.
+            def add_idle_pass(module, args, embeds):
+                return embeds + 0.0 * self.idle_vision_pass(hf, embeds).to(embeds.dtype)
+
+            idle_hook = hf.model.get_input_embeddings().register_forward_hook(add_idle_pass)
+        try:
+            # A packed batch has no attention_mask and 4-row position_ids (text positions first): transformers then
+            # keeps attention within each packed sample, but only without a cache, hence use_cache=False.
+            hidden = hf.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch.get("attention_mask"),
+                position_ids=batch["position_ids"],
+                pixel_values=batch.get("pixel_values"),
+                image_grid_thw=batch.get("image_grid_thw"),
+                use_cache=False,
+            ).last_hidden_state
+        finally:
+            if idle_hook is not None:
+                idle_hook.remove()
+        # Position t predicts token t+1; only the supervised positions go through lm_head. loss_index holds flat
+        # indices r * L + c of the predicting positions in the whole (rows x L) grid: reshape is a view of a
+        # contiguous hidden, so only the gathered rows are copied (hidden[:, :-1] would copy it all when B > 1).
+        flat = hidden.reshape(-1, hidden.shape[-1])
         logits = hf.lm_head(flat.index_select(0, batch["loss_index"]))
-        loss_sum = F.cross_entropy(logits.float(), batch["loss_targets"], reduction="sum")
-        if self.vision_trains and batch.get("pixel_values") is None:
-            loss_sum = loss_sum + 0.0 * self.idle_vision_pass(hf, hidden)
-        return loss_sum
+        return F.cross_entropy(logits.float(), batch["loss_targets"], reduction="sum")
 
     @staticmethod
     def idle_vision_pass(hf: nn.Module, like: torch.Tensor) -> torch.Tensor:
-        """The vision tower on one blank minimal image: a zero-weighted term that gives its trainable weights a
+        """The vision tower on one blank minimal image, summed: weighted zero, it gives its trainable weights a
         (zero) gradient on text-only batches, so every rank runs the same backward."""
         visual = hf.model.visual
         merge, patch = visual.spatial_merge_size, visual.config.patch_size
@@ -382,6 +406,10 @@ def full_logits(peft_model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     return out.logits
 
 
-def save_adapter(peft_model: nn.Module, out: Path) -> None:
-    """PEFT's own layout (adapter_config.json + adapter_model.safetensors): `PeftModel.from_pretrained` loads it."""
-    peft_model.save_pretrained(str(out), safe_serialization=True)
+def save_adapter(peft_model: nn.Module, out: Path, state_dict: dict | None = None) -> None:
+    """PEFT's own layout (adapter_config.json + adapter_model.safetensors): `PeftModel.from_pretrained` loads it.
+
+    `state_dict`: the model's trained weights by parameter name, when the model's own are partitioned (ZeRO-3).
+    """
+    kwargs = {} if state_dict is None else {"state_dict": state_dict}
+    peft_model.save_pretrained(str(out), safe_serialization=True, **kwargs)

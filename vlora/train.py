@@ -3,7 +3,8 @@
 One optimizer step = `grad_accum` micro-batches on every rank. Before the forward passes, the step's supervised
 tokens are counted over all micro-batches and ranks; each micro-batch's summed loss is divided by that count,
 so the gradient is the mean over every supervised token of the step, whatever the accumulation or world size.
-Gradients are synchronised (DDP all-reduce) only on the last micro-batch.
+Gradients are synchronised only on the last micro-batch. How (plain DDP or DeepSpeed ZeRO-2/3) is the engine's
+business (vlora/engine.py, `run.engine`); the loop is the same for both.
 
 Run it as `torchrun --nproc_per_node N train.py --config FILE key=value ...` or, for one process, `python train.py`.
 """
@@ -11,10 +12,8 @@ Run it as `torchrun --nproc_per_node N train.py --config FILE key=value ...` or,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -25,7 +24,8 @@ import torch
 
 from vlora.config import Config, Plan, load_config, save_config, to_dict, validate
 from vlora.distributed import (
-    PreemptionSignal, World, all_reduce_sum, barrier, cleanup, init_distributed, world_size_from_env,
+    Heartbeat, PreemptionSignal, World, all_reduce_max, all_reduce_sum, barrier, cleanup, collective_failure,
+    init_distributed, world_size_from_env,
 )
 from vlora.errors import VloraError
 from vlora.metrics import Metrics, log, peak_memory_gib, plot_curves, setup_logging
@@ -47,14 +47,24 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(loss_fn, batches: list[dict], world: World, precision) -> float:
-    """Mean held-out loss per supervised token over all ranks' shares of the held-out set."""
+def evaluate(loss_fn, batches: list[dict], world: World, precision, lockstep: bool = False) -> float:
+    """Mean held-out loss per supervised token over all ranks' shares of the held-out set.
+
+    `lockstep` (ZeRO-3: every forward gathers weights with collectives): every rank runs as many forwards as the
+    rank with the most batches, repeating its own last batch (not counted) where its share is shorter.
+    """
     loss_fn.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=world.device)
-    for batch in batches:
+    n = len(batches)
+    if lockstep:
+        n = int(all_reduce_max(torch.tensor([n], device=world.device)).item())
+    for i in range(n):
+        batch = batches[min(i, len(batches) - 1)]
         with precision.autocast():
-            sums[0] += loss_fn(to_device(batch, world.device)).double()
-        sums[1] += batch["loss_index"].numel()
+            loss = loss_fn(to_device(batch, world.device)).double()
+        if i < len(batches):
+            sums[0] += loss
+            sums[1] += batch["loss_index"].numel()
     all_reduce_sum(sums)
     loss_fn.train()
     return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
@@ -94,22 +104,22 @@ def param_digest(params: list[torch.Tensor]) -> str:
 
 def train(cfg: Config, plan: Plan) -> dict:
     """Train under the current process group (or alone) and return what tests and the demo report."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     from vlora.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_states
     from vlora.data.collate import Collator
     from vlora.data.stream import heldout_batches, parse_sources, train_loader
-    from vlora.model import SupervisedLoss, build_model, load_processor, save_adapter
+    from vlora.engine import make_engine
+    from vlora.model import SupervisedLoss, build_model, load_processor
     from vlora.optim import (
         build_optimizer, describe_param_groups, lr_at, resolve_compute_dtype, resolve_precision, set_lr,
     )
 
-    # ---- world, precision, run folder ----
+    # ---- world, precision, engine, run folder ----
     preemption = PreemptionSignal()  # from the start: a signal during loading stops the run at the first step
-    world = init_distributed(cfg.run.dist_timeout_s)
+    world = init_distributed(cfg.run.dist_timeout_s, always_group=cfg.run.engine == "deepspeed")
     setup_logging(world.rank, world.size)
     precision = resolve_precision(cfg, world.device)
     compute_dtype = resolve_compute_dtype(cfg, precision)
+    engine = make_engine(cfg, plan, world, precision)  # ddp | deepspeed-zeroN: how gradients and updates are shared
     run_dir = cfg.run_dir
     if world.is_main:
         if cfg.run.overwrite and run_dir.is_dir():
@@ -118,40 +128,29 @@ def train(cfg: Config, plan: Plan) -> dict:
         save_config(cfg, run_dir / "config.yaml")
     barrier()
     resume_from = resolve_resume(run_dir, cfg.run.resume)
-    log.info("world %d | device %s | precision %s | 4-bit %s | grad_accum %d | global batch %d",
-             world.size, world.device, precision.name, cfg.model.quant, plan.grad_accum, cfg.optim.global_batch)
+    log.info("world %d | device %s | engine %s | precision %s | 4-bit %s | grad_accum %d | global batch %d",
+             world.size, world.device, engine.name, precision.name, cfg.model.quant, plan.grad_accum,
+             cfg.optim.global_batch)
 
     # ---- model: the same seed on every rank gives the same LoRA init; dropout then differs per rank ----
     torch.manual_seed(cfg.run.seed)
     processor = load_processor(cfg.model.path)
-    peft_model = build_model(cfg, world.device, compute_dtype)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    with engine.model_init():  # ZeRO-3 with run.zero3_init: created already partitioned
+        peft_model = build_model(cfg, world.device, compute_dtype, quant_storage=engine.quant_storage(compute_dtype))
     n_train, n_total = peft_model.get_nb_trainable_parameters()  # counts 4-bit weights at their real size
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{n_train:,}", f"{n_total:,}", 100 * n_train / n_total)
     torch.manual_seed(cfg.run.seed + world.rank)
-    loss_fn = SupervisedLoss(peft_model)
-    net = loss_fn
-    if world.distributed:
-        # DDP would broadcast every frozen weight from rank 0 at start (the whole 4-bit base, across nodes) and
-        # the constant buffers at every step; all ranks load them identically, so only what trains is its business
-        # (ignored buffers are never broadcast).
-        frozen = [n for n, p in loss_fn.named_parameters() if not p.requires_grad]
-        DDP._set_params_and_buffers_to_ignore_for_model(loss_fn, frozen + [n for n, _ in loss_fn.named_buffers()])
-        net = DDP(loss_fn, device_ids=[world.device.index] if world.device.type == "cuda" else None,
-                  gradient_as_bucket_view=True)
+    loss_fn = SupervisedLoss(peft_model, vision_lockstep=engine.lockstep)
     optimizer = build_optimizer(peft_model, cfg.optim, world.device)
     log.info(describe_param_groups(optimizer))
-    scaler = precision.grad_scaler()
+    engine.prepare(loss_fn, optimizer)  # DDP wrapping, or deepspeed.initialize (ZeRO partitions what it owns)
 
-    # ---- resume: adapter, optimizer, step and this rank's data position ----
+    # ---- resume: trained weights, optimizer, step and this rank's data position ----
     start_step, counters, data_state, rng = 0, {"skipped_samples": 0, "skipped_steps": 0}, None, None
     if resume_from is not None:
-        train_state, rank_state, rng = load_checkpoint(resume_from, world=world, peft_model=peft_model,
-                                                       optimizer=optimizer)
+        train_state, rank_state, rng = load_checkpoint(resume_from, world=world, peft_model=peft_model, engine=engine)
         start_step, data_state = train_state["step"], rank_state["data"]
         counters = {k: train_state.get(k, 0) for k in counters}
-        if scaler is not None and "grad_scaler" in train_state:
-            scaler.load_state_dict(train_state["grad_scaler"])
         log.info("resumed from %s at step %d", resume_from, start_step)
 
     # ---- data ----
@@ -165,6 +164,12 @@ def train(cfg: Config, plan: Plan) -> dict:
     heldout = heldout_batches(cfg.data.val, rank=world.rank, world_size=world.size, max_samples=cfg.data.val_samples,
                               micro_batch=cfg.optim.micro_batch, encode=collator.encode,
                               collate=collator.collate) if cfg.data.val else []
+    if cfg.data.val and engine.lockstep:
+        # Lockstep evaluation repeats a rank's own last batch to keep up with the others: it needs one.
+        fewest = -all_reduce_max(torch.tensor([-len(heldout)], device=world.device)).item()
+        if fewest == 0:
+            raise VloraError(f"data.val_samples={cfg.data.val_samples} leaves a rank without a held-out batch; "
+                             f"under ZeRO-3 every rank evaluates in step: give at least {world.size} samples")
 
     metrics = Metrics(run_dir, enabled=world.is_main, total_steps=cfg.optim.max_steps, progress=cfg.run.progress,
                       wandb_config=to_dict(cfg) if cfg.run.wandb else None)
@@ -175,7 +180,7 @@ def train(cfg: Config, plan: Plan) -> dict:
     evaluating = bool(cfg.data.val)
     val_losses = {}
     if evaluating and start_step == 0:
-        val_losses[0] = evaluate(loss_fn, heldout, world, precision)
+        val_losses[0] = evaluate(loss_fn, heldout, world, precision, engine.lockstep)
         metrics.write({"step": 0, "val_loss": val_losses[0]})
         metrics.info(f"step     0 | held-out loss {val_losses[0]:.4f}")
 
@@ -184,9 +189,7 @@ def train(cfg: Config, plan: Plan) -> dict:
 
     def checkpoint(step: int, data_position: dict | None = None) -> Path:
         train_state = {"skipped_samples": int(skipped), "skipped_steps": skipped_steps}
-        if scaler is not None:
-            train_state["grad_scaler"] = scaler.state_dict()
-        return save_checkpoint(run_dir, step, world=world, peft_model=peft_model, optimizer=optimizer,
+        return save_checkpoint(run_dir, step, world=world, peft_model=peft_model, engine=engine,
                                train_state=train_state, rank_state={"data": data_position or batches.state_dict()},
                                keep_last=cfg.run.keep_last, config_text=(run_dir / "config.yaml").read_text())
 
@@ -194,6 +197,8 @@ def train(cfg: Config, plan: Plan) -> dict:
     loss_fn.train()  # from_pretrained returns eval mode: LoRA dropout and gradient checkpointing need train mode
     bad_in_a_row = 0
     nan_steps = {int(x) for x in os.environ.get("VLORA_DEBUG_NAN_STEPS", "").split(",") if x}  # tests only
+    stall = _debug_stall(world.rank)  # tests only: the step at which this rank stops answering
+    heartbeat = Heartbeat(world)  # so that a timed-out collective can name the rank that did not get there
     if rng is not None:
         set_rng_states(rng)  # now, after the loaders drew their seeds: dropout continues exactly where it stopped
     # Sums since the last log line; reading them (.item()) syncs with the device, so only on log steps.
@@ -201,129 +206,127 @@ def train(cfg: Config, plan: Plan) -> dict:
     window_counts = torch.zeros(2, dtype=torch.float64, device=world.device)  # supervised tokens, all tokens
     window_steps = 0
     window_start = time.perf_counter()
-    for step in range(start_step, cfg.optim.max_steps):
-        lr = lr_at(step, cfg.optim)
-        set_lr(optimizer, lr)
-        position = batches.state_dict()  # where this step's data starts: what a pre-emption save must record
-        micro_batches = [next(batches) for _ in range(plan.grad_accum)]
+    step = start_step
+    try:
+        for step in range(start_step, cfg.optim.max_steps):
+            lr = lr_at(step, cfg.optim)
+            set_lr(optimizer, lr)
+            position = batches.state_dict()  # where this step's data starts: what a pre-emption save must record
+            micro_batches = [next(batches) for _ in range(plan.grad_accum)]
+            if step + 1 == stall:
+                time.sleep(10 * cfg.run.dist_timeout_s + 60)
+            heartbeat.beat(step + 1)
 
-        # The step's global counts, known before any forward: the loss divisor, the throughput numerator, the
-        # samples skipped (too long) and whether any rank was told to stop, all in one all-reduce.
-        counts = torch.tensor([sum(b["loss_index"].numel() for b in micro_batches),
-                               sum(b["n_tokens"] for b in micro_batches),
-                               sum(b.pop("skipped") for b in micro_batches),
-                               float(preemption.received is not None)],
-                              dtype=torch.float64, device=world.device)
-        all_reduce_sum(counts)
-        if counts[3] > 0:  # every rank sees the same sum, so all stop after the same completed step
-            path = checkpoint(step, data_position=position)
-            if world.is_main:
-                (run_dir / "PREEMPTED").write_text(f"{step}\n")
-            log.warning("pre-empted (%s) after step %d: checkpoint %s; continue with run.resume=auto",
-                        preemption.name or "another rank", step, path)
-            metrics.close()
-            trace.close()
-            raise Preempted(step)
-        trace.write("keys", {"step": step + 1, "keys": [k for b in micro_batches for k in b["keys"]]})
-        global_supervised = counts[0].clamp(min=1)
-        step_loss = torch.zeros((), dtype=torch.float64, device=world.device)
+            # The step's global counts, known before any forward: the loss divisor, the throughput numerator, the
+            # samples skipped (too long) and whether any rank was told to stop, all in one all-reduce.
+            counts = torch.tensor([sum(b["loss_index"].numel() for b in micro_batches),
+                                   sum(b["n_tokens"] for b in micro_batches),
+                                   sum(b.pop("skipped") for b in micro_batches),
+                                   float(preemption.received is not None)],
+                                  dtype=torch.float64, device=world.device)
+            all_reduce_sum(counts)
+            if counts[3] > 0:  # every rank sees the same sum, so all stop after the same completed step
+                path = checkpoint(step, data_position=position)
+                if world.is_main:
+                    (run_dir / "PREEMPTED").write_text(f"{step}\n")
+                log.warning("pre-empted (%s) after step %d: checkpoint %s; continue with run.resume=auto",
+                            preemption.name or "another rank", step, path)
+                metrics.close()
+                trace.close()
+                raise Preempted(step)
+            trace.write("keys", {"step": step + 1, "keys": [k for b in micro_batches for k in b["keys"]]})
+            global_supervised = counts[0].clamp(min=1)
+            step_loss = torch.zeros((), dtype=torch.float64, device=world.device)
 
-        for i, batch in enumerate(micro_batches):
-            last = i == plan.grad_accum - 1
-            # Non-final micro-batches accumulate locally; DDP all-reduces gradients once, on the last.
-            sync_ctx = contextlib.nullcontext() if (last or not world.distributed) else net.no_sync()
-            with sync_ctx:
-                with precision.autocast():
-                    loss_sum = net(to_device(batch, world.device))
-                # DDP averages gradients over ranks; multiplying by world size turns that into a sum,
-                # so the result is sum(loss) / global_supervised exactly.
-                if step + 1 in nan_steps:
-                    loss_sum = loss_sum * float("nan")
-                loss = loss_sum * (world.size / global_supervised)
-                (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += loss_sum.detach()
+            for i, batch in enumerate(micro_batches):
+                # Non-final micro-batches accumulate locally; gradients are reduced over ranks once, on the last.
+                with engine.micro_step(boundary=i == plan.grad_accum - 1):
+                    with precision.autocast():
+                        loss_sum = engine(to_device(batch, world.device))
+                    if step + 1 in nan_steps:
+                        loss_sum = loss_sum * float("nan")
+                    # Both engines average gradients over ranks; multiplying by world size turns that into a sum,
+                    # so the result is sum(loss) / global_supervised exactly.
+                    engine.backward(loss_sum * (world.size / global_supervised))
+                step_loss += loss_sum.detach()
 
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-        # The step's one host sync. Gradients are all-reduced, so every rank computes the same norm and takes the
-        # same decision; a rank's own loss may be finite while another's is not, so the loss goes by the norm too.
-        loss_ok, norm_ok = torch.isfinite(torch.stack([step_loss, grad_norm.double()])).tolist()
-        done = step + 1
-        if scaler is not None and loss_ok and not norm_ok:
-            # fp16 overflow: GradScaler skips this update and lowers its scale; normal early in a run.
-            scaler.step(optimizer)
-            scaler.update()
-            skipped_steps += 1
-        elif not (loss_ok and norm_ok):
-            bad_in_a_row += 1
-            skipped_steps += 1
-            if scaler:
-                scaler.update()
-            log.warning("step %d: non-finite %s; update skipped (%d in a row)", done,
-                        "loss" if not loss_ok else "gradient norm", bad_in_a_row)
-            if bad_in_a_row >= cfg.run.max_bad_steps:
-                optimizer.zero_grad(set_to_none=True)
-                path = checkpoint(done)
-                raise VloraError(
-                    f"{bad_in_a_row} non-finite steps in a row (steps {done - bad_in_a_row + 1}-{done}): stopped, "
-                    f"checkpoint {path}; lower optim.lr, raise optim.warmup_steps or check the data, then resume"
-                )
-        else:
-            bad_in_a_row = 0
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
+            # Clip, then update unless the loss or the gradient norm is not finite: the same decision on every rank.
+            result = engine.step(step_loss)
+            grad_norm = result.grad_norm
+            done = step + 1
+            if result.applied:
+                bad_in_a_row = 0
+            elif result.overflow:
+                skipped_steps += 1  # fp16 overflow: the loss scale was lowered; normal early in a run
             else:
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if loss_ok:
-            window_loss += step_loss
-            window_counts += counts[:2]
-            window_steps += 1
-        skipped += counts[2]
-        metrics.tick()
-        if trace.digests:
-            trace.write("digests", {"step": done, "digest": param_digest(params)})
+                bad_in_a_row += 1
+                skipped_steps += 1
+                log.warning("step %d: non-finite %s; update skipped (%d in a row)", done,
+                            "loss" if not result.loss_ok else "gradient norm", bad_in_a_row)
+                if bad_in_a_row >= cfg.run.max_bad_steps:
+                    path = checkpoint(done)
+                    raise VloraError(
+                        f"{bad_in_a_row} non-finite steps in a row (steps {done - bad_in_a_row + 1}-{done}): "
+                        f"stopped, checkpoint {path}; lower optim.lr, raise optim.warmup_steps or check the data, "
+                        "then resume"
+                    )
+            if result.loss_ok:
+                window_loss += step_loss
+                window_counts += counts[:2]
+                window_steps += 1
+            skipped += counts[2]
+            metrics.tick()
+            if trace.digests:
+                with engine.full_weights():  # ZeRO-3: the whole weights, not this rank's partition
+                    trace.write("digests", {"step": done, "digest": param_digest(engine.params)})
 
-        if done % cfg.run.log_every == 0 or done == cfg.optim.max_steps:
-            all_reduce_sum(window_loss)
-            elapsed = time.perf_counter() - window_start
-            supervised, tokens = window_counts.tolist()
-            metrics.step({
-                "step": done, "loss": window_loss.item() / supervised if supervised else float("nan"), "lr": lr,
-                "grad_norm": grad_norm.item(), "tokens_per_s": tokens / elapsed,
-                "samples_per_s": window_steps * cfg.optim.global_batch / elapsed,
-                "peak_mem_gib": peak_memory_gib(world.device), "skipped_samples": int(skipped),
-                "skipped_steps": skipped_steps,
-            })
-            window_loss.zero_()
-            window_counts.zero_()
-            window_steps = 0
-            window_start = time.perf_counter()
+            if done % cfg.run.log_every == 0 or done == cfg.optim.max_steps:
+                all_reduce_sum(window_loss)
+                elapsed = time.perf_counter() - window_start
+                supervised, tokens = window_counts.tolist()
+                metrics.step({
+                    "step": done, "loss": window_loss.item() / supervised if supervised else float("nan"),
+                    "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens / elapsed,
+                    "samples_per_s": window_steps * cfg.optim.global_batch / elapsed,
+                    "peak_mem_gib": peak_memory_gib(world.device), "skipped_samples": int(skipped),
+                    "skipped_steps": skipped_steps,
+                })
+                window_loss.zero_()
+                window_counts.zero_()
+                window_steps = 0
+                window_start = time.perf_counter()
 
-        if evaluating and cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != cfg.optim.max_steps:
-            val_losses[done] = evaluate(loss_fn, heldout, world, precision)
-            metrics.write({"step": done, "val_loss": val_losses[done]})
-            metrics.info(f"step {done:>5} | held-out loss {val_losses[done]:.4f}")
-        if cfg.run.save_every and done % cfg.run.save_every == 0 and done != cfg.optim.max_steps:
-            checkpoint(done)
+            if evaluating and cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != cfg.optim.max_steps:
+                val_losses[done] = evaluate(loss_fn, heldout, world, precision, engine.lockstep)
+                metrics.write({"step": done, "val_loss": val_losses[done]})
+                metrics.info(f"step {done:>5} | held-out loss {val_losses[done]:.4f}")
+            if cfg.run.save_every and done % cfg.run.save_every == 0 and done != cfg.optim.max_steps:
+                checkpoint(done)
+    except RuntimeError as e:
+        # A collective that timed out (run.dist_timeout_s) or lost a peer: say which step, and which rank did not
+        # get there, in one line, instead of a gloo/NCCL traceback (or a silent hang).
+        message = collective_failure(e, step=step + 1, timeout_s=cfg.run.dist_timeout_s, heartbeat=heartbeat)
+        if message is None:
+            raise
+        raise VloraError(message) from None
 
     # ---- the end: evaluate, save, report ----
     last_step = cfg.optim.max_steps
     if evaluating:
-        val_losses[last_step] = evaluate(loss_fn, heldout, world, precision)
+        val_losses[last_step] = evaluate(loss_fn, heldout, world, precision, engine.lockstep)
         metrics.write({"step": last_step, "val_loss": val_losses[last_step]})
     checkpoint(last_step)
     preemption.restore()
     adapter_dir = run_dir / "adapter"
+    engine.export_adapter(peft_model, adapter_dir)  # collective under ZeRO-3: gathered to rank 0
     if world.is_main:
-        save_adapter(peft_model, adapter_dir)
         processor.save_pretrained(str(adapter_dir))  # the adapter folder is self-contained for inference
         (run_dir / "PREEMPTED").unlink(missing_ok=True)
+    _debug_dump_logits(peft_model, heldout, world)
     barrier()
     metrics.close()
     trace.close()
+    engine.close()
     if world.is_main and cfg.run.plot:
         plot_curves(run_dir)
     result = {"val_losses": val_losses, "adapter_dir": adapter_dir, "skipped_samples": int(skipped),
@@ -334,6 +337,29 @@ def train(cfg: Config, plan: Plan) -> dict:
     if world.is_main:
         print(f"adapter saved to {adapter_dir}", flush=True)
     return result
+
+
+def _debug_stall(rank: int) -> int:
+    """VLORA_DEBUG_STALL=RANK:STEP (tests only): that rank stops answering at the start of that step."""
+    spec = os.environ.get("VLORA_DEBUG_STALL", "")
+    if not spec:
+        return 0
+    stalled_rank, stalled_step = (int(x) for x in spec.split(":"))
+    return stalled_step if stalled_rank == rank else 0
+
+
+def _debug_dump_logits(peft_model, heldout: list[dict], world: World) -> None:
+    """VLORA_DEBUG_LOGITS=FILE (tests only): rank 0 saves its first held-out batch and the trained model's logits on
+    it (every rank runs one forward, as ZeRO-3 needs), to compare with the exported adapter loaded by plain peft."""
+    path = os.environ.get("VLORA_DEBUG_LOGITS")
+    if not path or not heldout:
+        return
+    from vlora.model import full_logits
+
+    peft_model.eval()
+    logits = full_logits(peft_model, to_device(heldout[0], world.device))
+    if world.is_main:
+        torch.save({"batch": heldout[0], "logits": logits.cpu()}, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

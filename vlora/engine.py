@@ -1,0 +1,438 @@
+"""One small interface over plain DDP and DeepSpeed ZeRO, so that the loop in train.py is the same for both.
+
+Per optimizer step, on every rank, the loop does
+
+    for i, batch in enumerate(micro_batches):
+        with engine.micro_step(boundary=i == last):   # DDP: no_sync() unless last; ZeRO: the accumulation boundary
+            loss = engine(batch)                        # forward (ZeRO-3 gathers each layer's weights as it runs)
+            engine.backward(loss * scale)               # gradients reduced over ranks only on the boundary
+    result = engine.step(step_loss)                     # clip, check finiteness, update or skip, zero the grads
+
+and keeps everything else: the global-token normalisation, the learning rate (set on `engine.optimizer`'s
+groups), the bookkeeping of skipped steps, metrics, checkpoints. The engine owns the mechanics of the update and
+the state that comes with it: the optimizer state (and under DeepSpeed the trained weights' master copies) in
+checkpoints, how the model is built (ZeRO-3: 4-bit storage in the compute dtype, optionally created already
+partitioned), and the full trained weights for an adapter export (ZeRO-3: gathered to rank 0).
+
+`make_engine(cfg, plan, world, precision)` picks one by `run.engine`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlora.config import Config, Plan
+from vlora.errors import VloraError
+
+# DeepSpeed's own files in a checkpoint folder: step_XXXXXXXX/deepspeed/ (its "tag"), beside vlora's files.
+DS_TAG = "deepspeed"
+# Keys vlora writes into the DeepSpeed config from its own (so the two cannot disagree), by the config key they
+# come from. In a user's JSON each may be absent, "auto" (HF Trainer's convention), or equal; else it is an error.
+OWNED = {
+    "train_batch_size": "optim.global_batch",
+    "train_micro_batch_size_per_gpu": "optim.micro_batch",
+    "gradient_accumulation_steps": "optim.global_batch / (optim.micro_batch x world size)",
+    "gradient_clipping": "optim.grad_clip",
+}
+# What vlora starts from; the user's JSON overrides what it names. DeepSpeed's own progress lines and timers are
+# off: the loop logs loss, grad norm and throughput itself.
+DEFAULTS = {"steps_per_print": 2**31 - 1, "wall_clock_breakdown": False, "zero_optimization": {"stage": 2}}
+
+
+@dataclass
+class StepResult:
+    """What `Engine.step` did: the same decision on every rank."""
+
+    grad_norm: torch.Tensor  # the global gradient norm before clipping (inf or nan when that made the step skip)
+    loss_ok: bool  # this rank's step loss is finite
+    applied: bool  # the optimizer update was applied
+    overflow: bool  # skipped by fp16 loss scaling, which lowered its scale: normal early in a run, not an error
+
+
+class Engine:
+    """The plain DDP engine (also a world of one): the base of the interface."""
+
+    name = "ddp"
+    zero_stage = 0
+    # Every rank must run the same forward passes in the same order: ZeRO-3 gathers each module's weights with a
+    # collective as the module runs (so a text-only batch still runs the vision tower, and evaluation runs the
+    # same number of batches on every rank).
+    lockstep = False
+    # load() restores the trained weights as well; otherwise the checkpoint's adapter does.
+    restores_weights = False
+
+    def __init__(self, cfg: Config, plan: Plan, world, precision):
+        self.cfg, self.plan, self.world, self.precision = cfg, plan, world, precision
+        self.module = self.optimizer = self.net = self.scaler = None
+        self.params: list[torch.nn.Parameter] = []
+
+    # ---- building ----
+    def quant_storage(self, compute_dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype bitsandbytes packs 4-bit weights into (None: its default, uint8)."""
+        return None
+
+    def model_init(self):
+        """The context the model is built in."""
+        return contextlib.nullcontext()
+
+    def prepare(self, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Wrap the loss module (whose trainable parameters are exactly the optimizer's) for training."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.module, self.optimizer = loss_fn, optimizer
+        self.params = [p for p in loss_fn.parameters() if p.requires_grad]
+        self.scaler = self.precision.grad_scaler()
+        self.net = loss_fn
+        if self.world.distributed:
+            # DDP would broadcast every frozen weight from rank 0 at start (the whole 4-bit base, across nodes) and
+            # the constant buffers at every step; all ranks load them identically, so only what trains is its
+            # business (ignored buffers are never broadcast).
+            frozen = [n for n, p in loss_fn.named_parameters() if not p.requires_grad]
+            DDP._set_params_and_buffers_to_ignore_for_model(loss_fn, frozen + [n for n, _ in loss_fn.named_buffers()])
+            device = self.world.device
+            self.net = DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None,
+                           gradient_as_bucket_view=True)
+
+    # ---- one step ----
+    def __call__(self, batch: dict) -> torch.Tensor:
+        return self.net(batch)
+
+    def micro_step(self, boundary: bool):
+        """Around one micro-batch's forward and backward: gradients are reduced over ranks only on the boundary."""
+        if boundary or not self.world.distributed:
+            return contextlib.nullcontext()
+        return self.net.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, step_loss: torch.Tensor) -> StepResult:
+        """Unscale (fp16), clip, and apply the update unless the loss or the gradient is not finite."""
+        scaler, optimizer = self.scaler, self.optimizer
+        if scaler:
+            scaler.unscale_(optimizer)
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf)
+        # The step's one host sync. Gradients are all-reduced, so every rank computes the same norm and takes the
+        # same decision; a rank's own loss may be finite while another's is not, so the loss goes by the norm too.
+        loss_ok, norm_ok = torch.isfinite(torch.stack([step_loss.double(), grad_norm.double()])).tolist()
+        applied = overflow = False
+        if scaler is not None and loss_ok and not norm_ok:
+            scaler.step(optimizer)  # fp16 overflow: GradScaler skips this update and lowers its scale
+            scaler.update()
+            overflow = True
+        elif not (loss_ok and norm_ok):
+            if scaler:
+                scaler.update()
+        else:
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            applied = True
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(grad_norm=grad_norm, loss_ok=loss_ok, applied=applied, overflow=overflow)
+
+    # ---- state ----
+    def save(self, folder: Path) -> dict:
+        """Collective: write this rank's share of the engine's state into `folder`; return what train_state.json
+        should record (rank 0's copy is written)."""
+        state = shard_optimizer_state(self.optimizer.state_dict(), self.world.rank, self.world.size)
+        torch.save(state, optimizer_file(folder, self.world.rank))
+        out = {"engine": self.name}
+        if self.scaler is not None:
+            out["grad_scaler"] = self.scaler.state_dict()
+        return out
+
+    def load(self, folder: Path, train_state: dict) -> None:
+        merged = {"state": {}, "param_groups": None}
+        for r in range(self.world.size):  # the full state from every rank's shard
+            shard = torch.load(optimizer_file(folder, r), map_location=self.world.device, weights_only=True)
+            merged["state"].update(shard["state"])
+            merged["param_groups"] = shard["param_groups"]
+        self.optimizer.load_state_dict(merged)
+        if self.scaler is not None and "grad_scaler" in train_state:
+            self.scaler.load_state_dict(train_state["grad_scaler"])
+
+    def full_weights(self):
+        """Collective: inside it every rank sees the whole trained weights (only ZeRO-3 has to gather them)."""
+        return contextlib.nullcontext()
+
+    def adapter_state(self, peft_model) -> dict | None:
+        """Collective: the trained weights by name on rank 0 where the model's own are partitioned (ZeRO-3);
+        None where the model holds them whole (then save_adapter reads the model)."""
+        return None
+
+    def export_adapter(self, peft_model, out: Path) -> None:
+        """Collective: rank 0 writes the adapter in PEFT's layout."""
+        from vlora.model import save_adapter
+
+        state = self.adapter_state(peft_model)
+        if self.world.is_main:
+            save_adapter(peft_model, out, state_dict=state)
+
+    @classmethod
+    def for_optimizer(cls, optimizer, world) -> "Engine":
+        """A DDP engine around a bare optimizer, for saving and loading its state alone."""
+        engine = cls(None, None, world, None)
+        engine.optimizer = optimizer
+        return engine
+
+    def close(self) -> None:
+        pass
+
+
+def optimizer_file(folder: Path, rank: int) -> Path:
+    return folder / f"optimizer.rank{rank:05d}.pt"
+
+
+def shard_optimizer_state(state: dict, rank: int, world_size: int) -> dict:
+    """This rank's share of a replicated optimizer state: the parameters whose index is rank mod world size."""
+    return {"state": {i: v for i, v in state["state"].items() if i % world_size == rank},
+            "param_groups": state["param_groups"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed
+
+
+def _config_path(name: str) -> Path:
+    """The JSON as given (relative to the working folder), else the file of that name in this checkout."""
+    path = Path(name)
+    if not path.is_file() and not path.is_absolute():
+        shipped = Path(__file__).resolve().parents[1] / name
+        if shipped.is_file():
+            return shipped
+    return path
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(cfg: Config, plan: Plan, world_size: int, precision: str | None = None) -> dict:
+    """The DeepSpeed config of this run: DEFAULTS, then the user's JSON (run.deepspeed_config), then what vlora owns
+    (batch sizes, accumulation, clipping, precision), which the JSON may name only with the same value.
+
+    `precision` is the resolved run precision (fp32 | bf16 | fp16); without it (config checks before the device is
+    known) an explicit run.precision is checked and `auto` is left for later.
+    """
+    name = cfg.run.deepspeed_config
+    path = _config_path(name)
+    if not path.is_file():
+        raise VloraError(f"run.deepspeed_config '{name}' does not exist (ds_configs/zero2.json, zero3.json, "
+                         "zero3_offload.json, or your own JSON)")
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise VloraError(f"run.deepspeed_config '{name}' is not valid JSON: {e}") from None
+    if not isinstance(user, dict):
+        raise VloraError(f"run.deepspeed_config '{name}' must hold a JSON object")
+    for section, why in (("optimizer", "vlora builds AdamW from optim.* (per-component groups)"),
+                         ("scheduler", "vlora sets the learning rate every step from optim.* (warm-up + cosine)")):
+        if section in user:
+            raise VloraError(f"run.deepspeed_config '{name}' has an '{section}' section; {why}: remove it")
+    ours = {
+        "train_batch_size": cfg.optim.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.optim.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for key, value in ours.items():
+        theirs = user.get(key, "auto")
+        if theirs != "auto" and theirs != value:
+            raise VloraError(f"run.deepspeed_config '{name}' sets {key}={theirs}, but {OWNED[key]} gives {value} "
+                             f"(world size {world_size}); vlora writes {key} itself: drop it from the JSON or "
+                             "change the vlora setting")
+    precision = precision or (cfg.run.precision if cfg.run.precision != "auto" else None)
+    if isinstance(user.get("bfloat16"), dict):  # DeepSpeed's old name for the bf16 section
+        user["bf16"] = _merge(user.pop("bfloat16"), user.get("bf16", {}))
+    for section in ("bf16", "fp16"):
+        if not isinstance(user.get(section, {}), dict):
+            raise VloraError(f"run.deepspeed_config '{name}': '{section}' must be an object")
+        enabled = user.get(section, {}).get("enabled", "auto")
+        if precision is not None and enabled != "auto" and bool(enabled) != (precision == section):
+            raise VloraError(f"run.deepspeed_config '{name}' sets {section}.enabled={str(enabled).lower()}, but "
+                             f"run.precision is {precision}; vlora writes the precision itself: drop "
+                             f"{section}.enabled from the JSON or change run.precision")
+    stage = user.get("zero_optimization", {}).get("stage", DEFAULTS["zero_optimization"]["stage"])
+    if stage not in (0, 1, 2, 3):
+        raise VloraError(f"run.deepspeed_config '{name}': zero_optimization.stage is {stage!r}; choose 0, 1, 2 or 3")
+    if stage == 3 and cfg.lora.dora:
+        raise VloraError("lora.dora=true does not work under ZeRO-3 (DeepSpeed loses track of the base weights "
+                         "peft's DoRA layers touch: \"'Params4bit' object has no attribute 'ds_id'\"); use "
+                         "ds_configs/zero2.json for DoRA")
+    merged = _merge(_merge(DEFAULTS, user), ours)
+    if precision is not None:
+        merged["bf16"] = dict(merged.get("bf16", {}), enabled=precision == "bf16")
+        merged["fp16"] = dict(merged.get("fp16", {}), enabled=precision == "fp16")
+    zero = merged["zero_optimization"]
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        # vlora's AdamW (torch's, on the CPU copy of the trained weights) instead of DeepSpeed's compiled CPU Adam:
+        # the same optimizer as every other engine, and no C++ build. LoRA weights are few, so it costs little.
+        merged.setdefault("zero_force_ds_cpu_optimizer", False)
+    return merged
+
+
+def _quiet_deepspeed(device: torch.device) -> None:
+    """Before deepspeed is imported: keep its start-up chatter and compile caches in order."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else it warns on every rank that it fell back to the CPU
+    # Ops DeepSpeed compiles on first use land in the project's cache, so later runs skip the build.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".cache/torch_extensions").resolve()))
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO (stage from the JSON) under the same loop: forward, `backward`, `step` with explicit
+    accumulation boundaries; AdamW and the learning rate stay vlora's."""
+
+    restores_weights = True
+
+    def __init__(self, cfg: Config, plan: Plan, world, precision):
+        super().__init__(cfg, plan, world, precision)
+        self.config = deepspeed_config(cfg, plan, world.size, precision.name)
+        self.zero_stage = self.config["zero_optimization"]["stage"]
+        self.name = f"deepspeed-zero{self.zero_stage}"
+        self.lockstep = self.zero_stage == 3
+        self.ds = None
+        self._hf_config = None
+        _quiet_deepspeed(world.device)
+
+    def quant_storage(self, compute_dtype):
+        # ZeRO-3 partitions the 4-bit weights like any other. Packed into the dtype the other weights have (the
+        # compute dtype; under DeepSpeed bf16/fp16 the dtype it casts every floating weight to) they share their
+        # flat buffers, and DeepSpeed's cast leaves them as they are instead of converting packed bits as numbers.
+        if self.zero_stage != 3 or self.cfg.model.quant == "none":
+            return None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision.name, compute_dtype)
+
+    @contextlib.contextmanager
+    def model_init(self):
+        if self.zero_stage == 3 and self.cfg.run.zero3_init:
+            # transformers sees this object and creates the model under deepspeed.zero.Init: each weight is
+            # partitioned as soon as it is loaded (and quantized), so no rank holds the whole base.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_config = HfDeepSpeedConfig(self.config)
+        yield
+
+    def prepare(self, loss_fn, optimizer):
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+        if self.world.device.type == "cpu":
+            # DeepSpeed's CPU accelerator compiles a shared-memory all-reduce (~45 s on a 2-core machine) that only
+            # its tensor-parallel inference uses; training talks through gloo.
+            import importlib
+
+            ds_comm = importlib.import_module("deepspeed.comm.torch")  # (the package's `torch` attribute is torch)
+            if hasattr(ds_comm, "build_shm_op"):
+                ds_comm.build_shm_op = lambda: None
+        self.module, self.optimizer = loss_fn, optimizer
+        self.params = [p for p in loss_fn.parameters() if p.requires_grad]
+        self.trained_names = [n for n, p in loss_fn.named_parameters() if p.requires_grad]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision.name)
+        if dtype is not None and self._hf_config is not None:
+            # DeepSpeed casts the weights of a model it partitions itself to bf16/fp16 (its master copies stay
+            # fp32), but not those of a model created under zero.Init: the LoRA weights peft added afterwards.
+            for p in self.params:
+                p.data = p.data.to(dtype)
+        self.ds, *_ = deepspeed.initialize(model=loss_fn, optimizer=optimizer, config=self.config,
+                                           dist_init_required=False)
+        # DeepSpeed saves the module's whole state dict (exclude_frozen_parameters drops frozen weights but keeps
+        # the 4-bit layers' quant-state entries, which its loader then rejects): keep only what trains.
+        full_state_dict = self.ds.module_state_dict
+        trained = set(self.trained_names)
+
+        def trained_state_dict(*args, **kwargs):
+            return {k: v for k, v in full_state_dict(*args, **kwargs).items() if k in trained}
+
+        self.ds.module_state_dict = trained_state_dict
+
+    def __call__(self, batch):
+        return self.ds(batch)
+
+    @contextlib.contextmanager
+    def micro_step(self, boundary):
+        self.ds.set_gradient_accumulation_boundary(boundary)
+        yield
+
+    def backward(self, loss):
+        # The loop normalised the loss already (by the step's global token count): no division by accumulation.
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    def step(self, step_loss):
+        # On the boundary: the global norm, DeepSpeed's check for non-finite gradients (then it skips the update
+        # on every rank), clipping, the update, and the gradients cleared.
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        grad_norm = torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float64)
+        applied = bool(self.ds.was_step_applied())
+        loss_ok = bool(torch.isfinite(step_loss).item())
+        overflow = not applied and loss_ok and self.precision.name == "fp16"
+        return StepResult(grad_norm=grad_norm, loss_ok=loss_ok, applied=applied, overflow=overflow)
+
+    def save(self, folder):
+        # Each rank writes its shards of the optimizer state (and, under ZeRO-3, of the trained weights) into
+        # folder/deepspeed/; nothing frozen is saved.
+        self.ds.save_checkpoint(str(folder), tag=DS_TAG, client_state={"vlora_trained": self.trained_names},
+                                save_latest=False, exclude_frozen_parameters=True)
+        return {"engine": self.name}
+
+    def load(self, folder, train_state):
+        path, client = self.ds.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=False,
+                                               load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise VloraError(f"checkpoint {folder}: DeepSpeed could not load {folder / DS_TAG}")
+        if client.get("vlora_trained") != self.trained_names:
+            raise VloraError(f"checkpoint {folder} trained other tensors than this run; resume with the same "
+                             "lora.*, model.freeze_* settings")
+
+    def full_weights(self):
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(self.params, modifier_rank=None)
+
+    def adapter_state(self, peft_model):
+        if self.zero_stage != 3:
+            return None
+        import deepspeed
+
+        # Gathered in slices, each copied to rank 0's memory, so no rank holds more than a slice beyond its shard.
+        named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+        state = {}
+        for i in range(0, len(named), 64):
+            chunk = named[i : i + 64]
+            with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=0):
+                if self.world.is_main:
+                    state.update((n, p.detach().to("cpu", copy=True)) for n, p in chunk)
+        return state if self.world.is_main else None
+
+    def close(self):
+        if self._hf_config is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._hf_config = None
+
+
+def make_engine(cfg: Config, plan: Plan, world, precision) -> Engine:
+    """The engine `run.engine` names."""
+    if cfg.run.engine == "deepspeed":
+        return DeepSpeedEngine(cfg, plan, world, precision)
+    return Engine(cfg, plan, world, precision)
