@@ -341,6 +341,7 @@ class DeepSpeedEngine(Engine):
             ds_comm = importlib.import_module("deepspeed.comm.torch")  # (the package's `torch` attribute is torch)
             if hasattr(ds_comm, "build_shm_op"):
                 ds_comm.build_shm_op = lambda: None
+        os.environ.setdefault("LOCAL_RANK", str(self.world.local_rank))  # DeepSpeed asks; unset without torchrun
         self.module, self.optimizer = loss_fn, optimizer
         self.params = [p for p in loss_fn.parameters() if p.requires_grad]
         self.trained_names = [n for n, p in loss_fn.named_parameters() if p.requires_grad]

@@ -214,7 +214,7 @@ def train(cfg: Config, plan: Plan) -> dict:
             position = batches.state_dict()  # where this step's data starts: what a pre-emption save must record
             micro_batches = [next(batches) for _ in range(plan.grad_accum)]
             if step + 1 == stall:
-                time.sleep(10 * cfg.run.dist_timeout_s + 60)
+                _stall_until_killed(preemption)
             heartbeat.beat(step + 1)
 
             # The step's global counts, known before any forward: the loss divisor, the throughput numerator, the
@@ -346,6 +346,14 @@ def _debug_stall(rank: int) -> int:
         return 0
     stalled_rank, stalled_step = (int(x) for x in spec.split(":"))
     return stalled_step if stalled_rank == rank else 0
+
+
+def _stall_until_killed(preemption: PreemptionSignal) -> None:
+    """Stop answering (the other ranks' collectives wait) until torchrun, seeing another rank fail, sends SIGTERM;
+    then die at once, as a stuck process would when SIGKILLed (torchrun waits 30 s before doing that itself)."""
+    while preemption.received is None:
+        time.sleep(0.1)
+    os._exit(EXIT_PREEMPTED)
 
 
 def _debug_dump_logits(peft_model, heldout: list[dict], world: World) -> None:
