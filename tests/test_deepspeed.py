@@ -21,7 +21,7 @@ import torch
 
 from conftest import REPO, tiny_lora_model
 from test_loop import adapter_weights, step_records
-from test_train import clean_env, read_jsonl, run_overrides
+from test_train import clean_env, plain_peft_logits, read_jsonl, run_overrides
 from vlora.config import Plan, load_config
 from vlora.errors import VloraError
 
@@ -164,22 +164,10 @@ def test_checkpoint_holds_deepspeed_shards_of_what_trains_and_resume_is_exact(ru
 def test_zero3_adapter_loads_with_plain_peft_and_gives_the_trained_logits(runs, tiny_model_dir):
     """The adapter exported from ZeRO-3 shards (gathered to rank 0) in PEFT's layout, loaded by plain peft onto
     the 4-bit base, reproduces the logits the trained ZeRO-3 model computed in the run."""
-    from peft import PeftModel
-    from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
-
-    from vlora.model import full_logits, keep_training_layout
-
     run, _, _ = runs("zero3")
     dump = torch.load(run.parent / "zero3_logits.pt", weights_only=False)
     batch, trained = dump["batch"], dump["logits"]
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["model.visual", "lm_head"])
-    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        tiny_model_dir, quantization_config=quant, dtype=torch.float32, device_map="cpu")
-    keep_training_layout(base)
-    untrained = full_logits(base, batch)
-    loaded = PeftModel.from_pretrained(base, run / "adapter").eval()
-    theirs = full_logits(loaded, batch)
+    untrained, theirs = plain_peft_logits(tiny_model_dir, run / "adapter", batch)
     mask = batch["attention_mask"].bool()
     assert torch.allclose(trained[mask], theirs[mask], atol=1e-5, rtol=0), (trained[mask] - theirs[mask]).abs().max()
     assert (trained[mask] - untrained[mask]).abs().max() > 1e-2  # the adapter really changes the model

@@ -39,6 +39,24 @@ def train_in_process(monkeypatch, tiny_model_dir, demo_shards, out_dir, **extra)
     return train(cfg, validate(cfg))
 
 
+def plain_peft_logits(tiny_model_dir, adapter_dir, batch):
+    """(base logits, base + adapter logits) as a user gets them: the 4-bit tiny base and plain PeftModel."""
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+
+    from vlora.model import full_logits, keep_training_layout
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["model.visual", "lm_head"])
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tiny_model_dir, quantization_config=quant, dtype=torch.float32, device_map="cpu")
+    # bitsandbytes would otherwise repack the 4-bit weights for its bf16 CPU inference kernel in eval mode
+    # (AVX512-BF16 machines only), which moves logits by ~0.02 whatever the adapter: compare like with like.
+    keep_training_layout(base)
+    untrained = full_logits(base, batch)
+    return untrained, full_logits(PeftModel.from_pretrained(base, adapter_dir).eval(), batch)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -79,11 +97,8 @@ def test_torchrun_two_ranks_4bit_accumulation(tiny_model_dir, demo_shards, tmp_p
 
 def test_saved_adapter_loads_with_plain_peft(tiny_model_dir, demo_shards, tmp_path, monkeypatch):
     """The adapter on disk, loaded by plain peft onto the tiny 4-bit base, gives the in-memory model's logits."""
-    from peft import PeftModel
-    from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
-
     from vlora.data.stream import heldout_batches
-    from vlora.model import full_logits, keep_training_layout
+    from vlora.model import full_logits
 
     result = train_in_process(monkeypatch, tiny_model_dir, demo_shards, tmp_path, **{
         "optim.max_steps": 6, "optim.global_batch": 4, "optim.micro_batch": 4})
@@ -93,16 +108,7 @@ def test_saved_adapter_loads_with_plain_peft(tiny_model_dir, demo_shards, tmp_pa
     trained.eval()
     ours = full_logits(trained, batch)
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["model.visual", "lm_head"])
-    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        tiny_model_dir, quantization_config=quant, dtype=torch.float32, device_map="cpu")
-    # bitsandbytes would otherwise repack the 4-bit weights for its bf16 CPU inference kernel in eval mode
-    # (AVX512-BF16 machines only), which moves logits by ~0.02 whatever the adapter: compare like with like.
-    keep_training_layout(base)
-    untrained = full_logits(base, batch)
-    loaded = PeftModel.from_pretrained(base, result["adapter_dir"]).eval()
-    theirs = full_logits(loaded, batch)
+    untrained, theirs = plain_peft_logits(tiny_model_dir, result["adapter_dir"], batch)
 
     mask = batch["attention_mask"].bool()
     assert torch.allclose(ours[mask], theirs[mask], atol=1e-5, rtol=0), (ours[mask] - theirs[mask]).abs().max()
