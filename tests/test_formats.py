@@ -1,14 +1,18 @@
 """Every annotation format -> the one canonical sample; placeholders, path resolution, per-line errors."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from vlora.data.formats import FORMATS, PER_IMAGE_KEYS, PathResolver, RecordError, detect, load_samples, read_annotations
 from vlora.errors import VloraError
 
-PEERS = Path("/work/shared/peers/llamafactory_mllm_demo")
+# LLaMA-Factory's demo files, in ../shared beside the checkout (not part of the repository).
+PEERS = REPO.parent / "shared" / "peers" / "llamafactory_mllm_demo"
+needs_peers = pytest.mark.skipif(not PEERS.is_dir(), reason=f"{PEERS} is absent (../shared/peers is not beside this checkout)")
 
 
 def _jsonl(path: Path, records) -> Path:
@@ -280,6 +284,58 @@ def test_fallbacks_never_bind_a_bare_file_name_from_another_folder(tmp_path):
     assert r.by_suffix == 3
 
 
+@needs_peers
+def test_confine_takes_paths_as_written_and_refuses_any_outside_the_roots(tmp_path):
+    """--confine: no fallback guesses, and the path taken must resolve (symlinks, `..`) under image_root or the
+    annotation folder; refused before anything is opened, existing or not."""
+    tmp_path = Path(os.path.realpath(tmp_path))  # the details name real paths
+    repo, root, outside = tmp_path / "repo", tmp_path / "root", tmp_path / "outside"
+    ann = repo / "data"
+    for p in (ann / "in.png", ann / "sub/deep.png", repo / "imgs/up.png", root / "r.png", outside / "secret.png"):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    (ann / "escape.png").symlink_to(outside / "secret.png")
+    (ann / "outdir").symlink_to(outside, target_is_directory=True)
+    (ann / "alias.png").symlink_to(ann / "in.png")
+    (tmp_path / "linked").symlink_to(ann, target_is_directory=True)
+    free, confined = PathResolver(ann, root), PathResolver(ann, root, confine=True)
+    # Inside the roots: the same path as without --confine (symlinks within the roots are fine).
+    for ref in ("in.png", "r.png", "alias.png", str(ann / "in.png"), f"file://{root / 'r.png'}"):
+        assert confined(ref) == free(ref)
+    assert confined("data:image/png;base64,AAAA") == "data:image/png;base64,AAAA"
+    # The fallbacks are off: the path as written, missing here (an image_missing reject), not a guess.
+    assert free("imgs/up.png") == repo / "imgs/up.png" and free("x/sub/deep.png") == ann / "sub/deep.png"
+    assert confined("imgs/up.png") == root / "imgs/up.png" and confined("x/sub/deep.png") == root / "x/sub/deep.png"
+    assert confined.by_suffix == 0
+    for ref, real in [("escape.png", outside / "secret.png"), ("outdir/secret.png", outside / "secret.png"),
+                      ("../../outside/secret.png", outside / "secret.png"), (str(outside / "secret.png"), outside / "secret.png"),
+                      (f"file://{outside}/nope.png", outside / "nope.png"), ("../elsewhere.png", tmp_path / "elsewhere.png")]:  # missing: judged as root/../elsewhere.png
+        free(ref)  # without --confine: taken
+        with pytest.raises(RecordError) as e:
+            confined(ref)
+        assert e.value.reason == "image_outside_root" and e.value.detail.startswith(f"{ref}: ")
+        assert f"outside {root} and {ann}; --confine reads images under --image-root and the annotation file's folder only" in e.value.detail
+        assert str(real) in e.value.detail
+    with pytest.raises(RecordError, match="remote_image"):
+        confined("https://example.com/a.png")
+    # An annotation folder reached through a symlink still holds its own images; its escaping link still escapes.
+    via_link = PathResolver(tmp_path / "linked", confine=True)
+    assert via_link("in.png") == tmp_path / "linked/in.png"
+    with pytest.raises(RecordError, match="image_outside_root"):
+        via_link("escape.png")
+    # Paths no file can have are one reject each, confined or not, not the end of the pack.
+    for resolver in (free, confined):
+        with pytest.raises(RecordError, match=r"^image_unreadable: 'a\\x00\.png': a NUL byte in the path$"):
+            resolver("a\0.png")
+        with pytest.raises(RecordError, match="^image_missing: ~no-such-user-here/a.png: no home folder for that user$"):
+            resolver("~no-such-user-here/a.png")
+    # read_annotations passes it on; a record's reject names the reason.
+    src = _jsonl(ann / "d.jsonl", [{"image_path": p, "text": "t"} for p in ("in.png", "escape.png")])
+    assert [r.error.reason if r.error else None for r in _records(src, confine=True)] == [None, "image_outside_root"]
+    assert [r.error for r in _records(src)] == [None, None]
+
+
+@needs_peers
 def test_llamafactory_files_give_the_same_samples():
     """The two LLaMA-Factory demo files hold the same conversations in two formats, with differently rooted paths."""
     sharegpt = read_annotations(PEERS / "mllm_demo.json")

@@ -104,7 +104,7 @@ def test_sigterm_then_resume_repeats_the_uninterrupted_losses(tiny_model_dir, de
 
 
 def test_a_non_finite_step_is_skipped(tiny_model_dir, demo_shards, tmp_path, monkeypatch):
-    monkeypatch.setenv("VLORA_DEBUG_NAN_STEPS", "2")
+    monkeypatch.setenv("VLORA_FAILPOINTS", "nan@2")
     result = train_in_process(monkeypatch, tiny_model_dir, demo_shards, tmp_path, **COMMON, **{
         "optim.max_steps": 3, "optim.global_batch": 4, "optim.micro_batch": 4})
     records = step_records(tmp_path / "t")
@@ -117,10 +117,94 @@ def test_too_many_non_finite_steps_stop_with_a_checkpoint(tiny_model_dir, demo_s
     cmd = [sys.executable, "train.py", *run_overrides(tiny_model_dir, demo_shards, tmp_path, **COMMON, **{
         "optim.max_steps": 8, "optim.global_batch": 4, "optim.micro_batch": 4, "run.max_bad_steps": 3,
         "data.num_workers": 0})]
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(VLORA_DEBUG_NAN_STEPS="3,4,5,6"), capture_output=True,
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(VLORA_FAILPOINTS="nan@3,nan@4,nan@5,nan@6"), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("vlora: error:")]
     assert len(errors) == 1 and "3 non-finite steps in a row (steps 3-5)" in errors[0]
     assert (tmp_path / "t" / "latest").read_text().strip() == "step_00000005"
     assert "Traceback" not in proc.stderr
+
+
+def test_fp16_skips_an_overflow_step_and_resume_restores_the_scaler(tiny_model_dir, demo_shards, tmp_path,
+                                                                     monkeypatch):
+    """fp16 with GradScaler: an inf gradient at step 3 (as an overflow makes one) skips that update without counting
+    it as a bad step and halves the scale; a run that crashes at step 5 and resumes from step 4 restores the
+    scaler (scale and growth tracker) and ends as the uninterrupted run does."""
+    import json
+    import math
+
+    from vlora.failpoints import FailpointError
+
+    cfg = {**COMMON, "run.precision": "fp16", "optim.max_steps": 6, "optim.global_batch": 2,
+           "optim.micro_batch": 2, "run.save_every": 2, "run.keep_last": 5}
+    monkeypatch.setenv("VLORA_FAILPOINTS", "nan@grad:step3")
+    train_in_process(monkeypatch, tiny_model_dir, demo_shards, tmp_path, **cfg, **{"run.name": "whole"})
+    whole = step_records(tmp_path / "whole")
+    assert [whole[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+    assert math.isinf(whole[3]["grad_norm"]) and all(math.isfinite(whole[s]["loss"]) for s in whole)
+
+    def scaler(run, step):
+        return json.loads((tmp_path / run / f"step_{step:08d}" / "train_state.json").read_text())["grad_scaler"]
+
+    assert scaler("whole", 2)["scale"] == 65536.0 and scaler("whole", 4)["scale"] == 32768.0  # halved once
+    assert scaler("whole", 6)["_growth_tracker"] == 3  # steps 4, 5, 6 since the overflow
+
+    monkeypatch.setenv("VLORA_FAILPOINTS", "nan@grad:step3,raise@step:step5")
+    with pytest.raises(FailpointError):
+        train_in_process(monkeypatch, tiny_model_dir, demo_shards, tmp_path, **cfg, **{"run.name": "cut"})
+    monkeypatch.delenv("VLORA_FAILPOINTS")
+    train_in_process(monkeypatch, tiny_model_dir, demo_shards, tmp_path, **cfg, **{"run.name": "cut",
+                                                                                    "run.resume": "auto"})
+    assert scaler("cut", 6) == scaler("whole", 6)  # unrestored, it would be 65536 with a tracker of 2
+    cut = step_records(tmp_path / "cut")
+    for s in range(1, 7):
+        assert cut[s]["loss"] == whole[s]["loss"] and cut[s]["skipped_steps"] == whole[s]["skipped_steps"], s
+    for k, w in adapter_weights(tmp_path / "whole").items():
+        assert torch.equal(w, adapter_weights(tmp_path / "cut")[k]), k
+
+
+@pytest.mark.parametrize("norm", [50.0, 0.5])
+def test_clipping_brings_a_gradient_above_grad_clip_down_to_it(norm):
+    """A gradient of norm 50 comes out at optim.grad_clip=1 (its direction kept); one of 0.5 is left alone. The
+    step reports the norm before clipping."""
+    from vlora.config import load_config
+    from vlora.distributed import World
+    from vlora.engine import Engine
+    from vlora.optim import Precision
+
+    cfg = load_config(None, ["optim.grad_clip=1.0"])
+    module = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(module.weight)
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    engine = Engine(cfg, None, World(0, 0, 1, torch.device("cpu")), Precision("fp32", "cpu"))
+    engine.prepare(module, optimizer)
+    (module.weight * torch.tensor([[0.6, 0.8]]) * norm).sum().backward()
+    result = engine.step(torch.tensor(1.0))
+    assert result.applied and result.grad_norm.item() == pytest.approx(norm)
+    expected = torch.tensor([[0.6, 0.8]]) * min(norm, 1.0)  # SGD at lr 1: the weight moved by minus the gradient
+    torch.testing.assert_close(module.weight.detach(), -expected)
+
+
+@pytest.mark.slow
+def test_fp16_two_ranks_a_non_finite_loss_on_one_rank_stops_every_rank_together(tiny_model_dir, demo_shards,
+                                                                                 tmp_path):
+    """fp16 on 2 ranks, rank 1's loss non-finite at steps 3 and 4: both ranks count the same bad steps (not a loss-
+    scale overflow on rank 0), and with run.max_bad_steps=2 both save the step-4 checkpoint and stop with the same
+    line. Deciding from each rank's own loss, rank 0 counted overflows and went on into the next step's collective
+    while rank 1 waited in the save: a hang."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           *run_overrides(tiny_model_dir, demo_shards, tmp_path, **COMMON, **{
+               "run.precision": "fp16", "optim.max_steps": 8, "optim.global_batch": 4, "optim.micro_batch": 2,
+               "run.max_bad_steps": 2, "run.dist_timeout_s": 60, "data.num_workers": 0})]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(VLORA_FAILPOINTS="nan@loss:step3:rank1,nan@loss:step4:rank1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("vlora: error:"))
+    assert len(errors) == 2, proc.stderr[-3000:]
+    for rank, line in enumerate(errors):
+        assert line.startswith(f"vlora: error: [rank {rank}] 2 non-finite steps in a row (steps 3-4)"), line
+    assert "timed out" not in proc.stderr
+    assert (tmp_path / "t" / "latest").read_text().strip() == "step_00000004"
+    records = step_records(tmp_path / "t")
+    assert [records[s]["skipped_steps"] for s in (1, 2, 3)] == [0, 0, 1]  # step 4 stopped the run before its log

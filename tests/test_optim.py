@@ -10,22 +10,54 @@ from vlora.errors import VloraError
 from vlora.optim import build_optimizer, describe_param_groups, lr_at, set_lr
 
 
-def test_warmup_then_cosine():
+def run_lrs(o: OptimArgs) -> list[float]:
+    """The rates of the steps a run actually takes: 0 .. max_steps - 1."""
+    return [lr_at(s, o) for s in range(o.max_steps)]
+
+
+def test_warmup_reaches_the_peak_once_and_the_last_step_runs_at_the_floor():
     o = OptimArgs(lr=1e-3, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
-    assert lr_at(0, o) == pytest.approx(1e-4)
-    assert lr_at(9, o) == pytest.approx(1e-3)  # warm-up ends at the peak
-    assert lr_at(10, o) == pytest.approx(1e-3)
-    assert lr_at(60, o) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # half-way down the cosine
-    assert lr_at(110, o) == pytest.approx(1e-4)
-    lrs = [lr_at(s, o) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone after warm-up
+    lrs = run_lrs(o)
+    assert lrs[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])  # linear warm-up, ends at the peak
+    assert lrs.count(max(lrs)) == 1 and lrs[9] == pytest.approx(1e-3)  # the peak at one step only
+    assert lrs[10] < lrs[9]  # the decay starts right after it
+    assert lrs[-1] == pytest.approx(1e-4, rel=1e-12)  # the last step the run takes runs at min_lr
+    assert min(lrs) == lrs[-1]
+    assert lrs[59] == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # half-way down the cosine (step 9 + 100/2)
+    assert all(a > b for a, b in zip(lrs[9:], lrs[10:]))  # strictly falling after the peak
+    assert lr_at(200, o) == pytest.approx(1e-4)  # past the end: the floor
 
 
-def test_no_warmup():
-    o = OptimArgs(lr=2e-4, min_lr_ratio=0.0, warmup_steps=0, max_steps=4)
-    assert [lr_at(s, o) for s in range(5)] == pytest.approx(
-        [2e-4 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(5)]
-    )
+def test_no_warmup_starts_at_the_peak_and_ends_at_the_floor():
+    o = OptimArgs(lr=2e-4, min_lr_ratio=0.0, warmup_steps=0, max_steps=5)
+    assert run_lrs(o) == pytest.approx([2e-4 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(5)])
+    assert run_lrs(o)[0] == 2e-4 and run_lrs(o)[-1] == pytest.approx(0.0, abs=1e-20)
+
+
+@pytest.mark.parametrize("warmup,steps", [(1, 2), (2, 3), (3, 40), (0, 1), (2, 2), (5, 5)])
+def test_peak_once_floor_last_at_the_edges(warmup, steps):
+    o = OptimArgs(lr=1.0, min_lr_ratio=0.25, warmup_steps=warmup, max_steps=steps)
+    lrs = run_lrs(o)
+    assert lrs.count(1.0) == 1
+    if steps > 1:
+        assert lrs[-1] == pytest.approx(0.25)
+
+
+def test_the_rates_a_run_uses_are_the_schedule(tiny_model_dir, demo_shards, tmp_path, monkeypatch):
+    """The rates metrics.jsonl records for the steps that ran: warm-up to the peak once, the last at the floor."""
+    from test_train import read_jsonl, train_in_process
+
+    train_in_process(monkeypatch, tiny_model_dir, demo_shards, tmp_path, **{
+        "optim.max_steps": 5, "optim.warmup_steps": 2, "optim.lr": 1e-3, "optim.min_lr_ratio": 0.1,
+        "optim.global_batch": 2, "optim.micro_batch": 2, "data.val": "", "run.log_every": 1, "run.plot": "false"})
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "t" / "metrics.jsonl") if "lr" in r]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi / 3)),
+                                 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(2 * math.pi / 3)), 1e-4])
+
+
+def test_a_warmup_as_long_as_the_run_still_ends_at_the_floor():
+    o = OptimArgs(lr=1.0, min_lr_ratio=0.5, warmup_steps=4, max_steps=4)
+    assert run_lrs(o) == pytest.approx([1 / 3, 2 / 3, 1.0, 0.5])
 
 
 def test_adamw_groups_skip_decay_on_vectors():

@@ -2,10 +2,19 @@
 (Formats -> canonical samples are in test_formats.py.)"""
 
 import base64
+import contextlib
 import hashlib
+import io
 import json
+import multiprocessing
+import os
+import re
+import resource
+import signal
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,14 +23,16 @@ from PIL import Image
 
 from conftest import REPO
 from vlora.data import pack as pack_mod
-from vlora.data.formats import load_samples
+from vlora.data.formats import RecordError, load_samples
 from vlora.data.manifest import read_manifest, shard_paths, write_manifest
 from vlora.data.pack import TokenCounter, format_summary, pack, sample_key
 from vlora.errors import VloraError
 
-PEERS = Path("/work/shared/peers/llamafactory_mllm_demo")
+# LLaMA-Factory's demo files, in ../shared beside the checkout (not part of the repository).
+PEERS = REPO.parent / "shared" / "peers" / "llamafactory_mllm_demo"
 MLLM_DEMO = PEERS / "mllm_demo.json"
 V1_DEMO = PEERS / "v1_multimodal_demo.jsonl"
+needs_peers = pytest.mark.skipif(not PEERS.is_dir(), reason=f"{PEERS} is absent (../shared/peers is not beside this checkout)")
 
 
 def _png(path: Path, colour=(255, 0, 0), size=(8, 6)) -> Path:
@@ -70,7 +81,8 @@ def test_demo_manifest_matches_files(demo_shards):
             assert s["sha256"] == _sha(d / s["name"]) and s["bytes"] == (d / s["name"]).stat().st_size
         assert m["sources"] == [{"file": f"{split}.jsonl", "format": "sharegpt", "records": n, "paths_resolved_by_suffix": 0,
                                  "sha256": m["sources"][0]["sha256"]}]
-        assert (m["paths_resolved_by_suffix"], m["checks"]) == (0, {"max_image_pixels": 89_478_485, "max_aspect_ratio": 200,
+        assert (m["paths_resolved_by_suffix"], m["checks"]) == (0, {"max_image_pixels": 89_478_485, "max_image_bytes": 64 << 20,
+                                                                  "confine": False, "max_aspect_ratio": 200,
                                                                   "min_pixels": 3136, "max_pixels": 200704,
                                                                   "max_pixels_floor": 28 * 28 + 1})  # 112x112: square
         assert m["skipped"] == []
@@ -203,6 +215,173 @@ def test_image_extension_from_file_not_reencoded(tmp_path):
     assert json.loads(g["json"])["images"] == [{"width": 10, "height": 7}, {"width": 8, "height": 6}]
 
 
+# --- pack: paths that are not image files, and --confine ---------------------------------------------
+
+
+def _child_pack_logging_opens(log: Path, result: Path, argv: list[str]) -> None:
+    """`vlora pack ARGV` in a forked child (modules already imported) that logs "PID PATH" for every open: its own
+    and its workers' (forked again, they keep the audit hook; the pytest process never has it). builtins.open,
+    io.open, os.open, Path.open / read_bytes and PIL.Image.open all raise the "open" audit event, so nothing the
+    packer might use to read escapes the log; os.stat raises none."""
+    from vlora.cli import main
+
+    os.setpgid(0, 0)  # a process group of its own, workers included, to kill on a hang
+    # A memory limit turns an endless read (of /dev/zero) into a quick failure rather than a swamped machine.
+    data = int(re.search(r"VmData:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) << 10
+    resource.setrlimit(resource.RLIMIT_DATA, (data + (2 << 30), resource.getrlimit(resource.RLIMIT_DATA)[1]))
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def hook(event, args):
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            os.write(fd, b"%d %s\n" % (os.getpid(), os.fsencode(args[0])))
+
+    out, err = io.StringIO(), io.StringIO()
+    sys.addaudithook(hook)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["pack", *argv])
+    result.write_text(json.dumps({"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}))
+
+
+def _pack_watched(tmp_path: Path, *args) -> tuple[dict, dict[str, set[int]]]:
+    """({"rc", "stdout", "stderr"} of `vlora pack ARGS`, {real path opened: pids that opened it}). The 60 s timeout
+    only catches a hang (open() of a FIFO waits for a writer); it times nothing."""
+    log, result = tmp_path / "opened.log", tmp_path / "result.json"
+    child = multiprocessing.get_context("fork").Process(target=_child_pack_logging_opens, args=(log, result, list(map(str, args))))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        os.killpg(child.pid, signal.SIGKILL)  # the workers too: one may sit in open() of the FIFO
+        child.join()
+        pytest.fail(f"vlora pack {' '.join(map(str, args))} still running after 60 s: blocked on a FIFO or reading an endless file?")
+    assert child.exitcode == 0 and result.is_file(), f"vlora pack crashed (exit code {child.exitcode}); its traceback is above"
+    opened = {}
+    for line in log.read_text(errors="replace").splitlines():
+        pid, path = line.split(" ", 1)
+        opened.setdefault(os.path.realpath(path), set()).add(int(pid))
+    return json.loads(result.read_text()), opened
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_only_regular_files_are_opened_as_images(tmp_path, workers):
+    """An annotation may name any path: a FIFO would block open() for ever and /dev/zero never ends. Only regular
+    files of at most --max-image-bytes are opened; the rest are rejected by name, unopened, and the counts balance."""
+    d = tmp_path / "data"
+    ok = _png(d / "ok.png")
+    cap = ok.stat().st_size  # a file of exactly the limit is read, one byte more is not
+    (d / "big.png").write_bytes(ok.read_bytes() + b"\0")
+    os.mkfifo(d / "pipe.png")
+    (d / "folder.png").mkdir()
+    (d / "zero.png").symlink_to("/dev/zero")  # stat follows the link, as open would
+    inline = "data:image/png;base64," + base64.b64encode((d / "big.png").read_bytes()).decode()
+    src = _jsonl(d / "d.jsonl", [_qa(id="ok", images=["ok.png"]), _qa(images=["/dev/zero"]), _qa(images=["pipe.png"]),
+                                 _qa(images=["folder.png"]), _qa(images=["zero.png"]), _qa(images=["big.png"]), _qa(images=[inline])])
+    out = tmp_path / "out"
+    res, opened = _pack_watched(tmp_path, "--src", src, "--out", out, "--workers", workers, "--max-image-bytes", cap, "--max-reject", 1)
+    assert res["rc"] == 0, res["stderr"]
+    over = f"{cap + 1} bytes, over --max-image-bytes {cap}; raise the limit or re-encode the image smaller"
+    assert [(r["source"], r["index"], r["line"], r["reason"], r["detail"]) for r in _rejects(out)] == [
+        ("d.jsonl", 1, 2, "image_not_a_file", "image 0 /dev/zero: a character device, not a regular file"),
+        ("d.jsonl", 2, 3, "image_not_a_file", f"image 0 {d / 'pipe.png'}: a FIFO, not a regular file"),
+        ("d.jsonl", 3, 4, "image_not_a_file", f"image 0 {d / 'folder.png'}: a directory, not a regular file"),
+        ("d.jsonl", 4, 5, "image_not_a_file", f"image 0 {d / 'zero.png'}: a character device, not a regular file"),
+        ("d.jsonl", 5, 6, "image_too_large", f"image 0 {d / 'big.png'}: {over}"),
+        ("d.jsonl", 6, 7, "image_too_large", f"image 0 data:image/png;base64: {over}"),  # the same limit for data: URIs
+    ]
+    assert "read 7, wrote 1 in 1 shard(s), rejected 6 (image_not_a_file 4, image_too_large 2; see " in res["stdout"]
+    m = read_manifest(out)
+    assert (m["read"], m["samples"], m["rejected"], m["rejects_by_reason"]) == (7, 1, 6, {"image_not_a_file": 4, "image_too_large": 2})
+    assert m["checks"]["max_image_bytes"] == cap and m["checks"]["confine"] is False
+    ((g,),) = [_read(out)]
+    assert (g["__key__"], g["0.png"]) == ("ok", ok.read_bytes())
+    # The spy sees the reads (in a worker and again in the main process with --workers 2) ...
+    assert len(opened[str(ok.resolve())]) == workers
+    # ... and none of the bad paths was opened by any process.
+    bad = {"/dev/zero", *(os.path.realpath(d / n) for n in ("pipe.png", "folder.png", "zero.png", "big.png"))}
+    assert sorted(bad & set(opened)) == []
+
+
+def test_confine_rejects_images_outside_the_roots_unopened(tmp_path):
+    """--confine, for annotation files from elsewhere: an image that resolves (symlinks and `..` followed) outside
+    --image-root and the annotation file's folder is rejected unopened, and no fallback looks in other folders."""
+    tmp_path = Path(os.path.realpath(tmp_path))  # the rejects name real paths
+    d, imgs, outside = tmp_path / "data", tmp_path / "imgs", tmp_path / "outside"
+    _png(d / "in.png")
+    _png(d / "sub/deep.png")
+    _png(imgs / "r.png", colour=(0, 255, 0))
+    secret = _png(outside / "secret.png", colour=(0, 0, 255))
+    (d / "escape.png").symlink_to(secret)
+    (d / "alias.png").symlink_to(d / "in.png")
+    src = _jsonl(d / "d.jsonl", [
+        _qa(id="in", images=["in.png"]),                     # 0 written
+        _qa(id="root", images=["r.png"]),                    # 1 written, from --image-root
+        _qa(id="alias", images=["alias.png"]),               # 2 written: a symlink that stays inside
+        _qa(id="escape", images=["escape.png"]),             # 3 a symlink out of the folder
+        _qa(id="abs", images=[str(secret)]),                 # 4 an absolute path elsewhere
+        _qa(id="dotdot", images=["../outside/secret.png"]),  # 5
+        _qa(id="parent", images=["outside/secret.png"]),     # 6 found in the parent folder, without --confine
+        _qa(id="shorter", images=["x/sub/deep.png"]),        # 7 found by dropping x/, without --confine
+    ])
+    free = pack(src, tmp_path / "free", image_root=imgs)
+    assert (free.written, free.rejected, free.paths_resolved_by_suffix) == (8, 0, 2)
+    out = tmp_path / "out"
+    res, opened = _pack_watched(tmp_path, "--src", src, "--out", out, "--image-root", imgs, "--confine", "--workers", 2, "--max-reject", 1)
+    assert res["rc"] == 0, res["stderr"]
+    roots = f"outside {imgs} and {d}; --confine reads images under --image-root and the annotation file's folder only"
+    assert [(r["source"], r["index"], r["reason"], r["detail"]) for r in _rejects(out)] == [
+        ("d.jsonl", 3, "image_outside_root", f"escape.png: resolves to {secret}, {roots}"),
+        ("d.jsonl", 4, "image_outside_root", f"{secret}: {roots}"),
+        ("d.jsonl", 5, "image_outside_root", f"../outside/secret.png: resolves to {secret}, {roots}"),
+        ("d.jsonl", 6, "image_missing", f"image 0 not found: {imgs / 'outside/secret.png'}"),  # as written: no fallback
+        ("d.jsonl", 7, "image_missing", f"image 0 not found: {imgs / 'x/sub/deep.png'}"),
+    ]
+    assert "read 8, wrote 3 in 1 shard(s), rejected 5 (image_missing 2, image_outside_root 3; see " in res["stdout"]
+    assert "resolved by fallback" not in res["stdout"]
+    m = read_manifest(out)
+    assert (m["read"], m["samples"], m["rejected"], m["paths_resolved_by_suffix"]) == (8, 3, 5, 0)
+    assert m["rejects_by_reason"] == {"image_missing": 2, "image_outside_root": 3} and m["checks"]["confine"] is True
+    assert [g["__key__"] for g in _read(out)] == ["in", "root", "alias"]
+    assert str(d / "in.png") in opened and sorted({str(secret)} & set(opened)) == []
+
+
+def test_a_file_changed_after_its_stat_is_still_capped_and_never_blocks(tmp_path, monkeypatch):
+    """Between the size check and the read a file may grow, or be swapped for a FIFO: the read still stops one
+    byte over the limit, and the FIFO is opened without waiting for a writer and refused."""
+    grown = tmp_path / "grown.png"
+    grown.write_bytes(b"x" * 100)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    real_stat = os.stat
+
+    def stale_stat(path, *args, **kw):  # what the stat said a moment earlier: a regular file of 10 bytes
+        st = real_stat(path, *args, **kw)
+        return os.stat_result((stat.S_IFREG | 0o644, *st[1:6], 10, *st[7:10]))
+
+    monkeypatch.setattr(pack_mod.os, "stat", stale_stat)
+    with pytest.raises(RecordError) as e:
+        pack_mod._file_bytes(grown, 0, 50)
+    assert (e.value.reason, e.value.detail) == ("image_too_large", f"image 0 {grown}: grew while read, over --max-image-bytes 50; "
+                                                                   "raise the limit or re-encode the image smaller")
+    assert pack_mod._file_bytes(grown, 0, 200) == b"x" * 100  # grown, but within the limit: read whole
+    result = []
+
+    def read_fifo():
+        try:
+            result.append(pack_mod._file_bytes(fifo, 0, 50))
+        except RecordError as e:
+            result.append(e)
+
+    reader = threading.Thread(target=read_fifo, daemon=True)
+    reader.start()
+    reader.join(60)
+    if reader.is_alive():  # blocked in open(): a writer releases it
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"reading {fifo} blocked")
+    monkeypatch.undo()
+    assert [(e.reason, e.detail) for e in result] == [("image_not_a_file", f"image 0 {fifo}: a FIFO, not a regular file")]
+    with pytest.raises(VloraError, match="max_image_bytes must be at least 1, got 1000, 1, 89478485, 0"):
+        pack(tmp_path / "d.jsonl", tmp_path / "out", max_image_bytes=0)
+
+
 # --- pack: errors and crash safety ------------------------------------------------------------------
 
 
@@ -246,11 +425,11 @@ def test_a_crash_leaves_no_shard_folder(tmp_path, monkeypatch, workers):
     src = _jsonl(tmp_path / "d.jsonl", [_qa(id=f"s{i}") for i in range(5)])
     calls = []
 
-    def flaky(path, i):
+    def flaky(path, i, *limits):
         calls.append(path)
         if len(calls) == 4:
             raise RuntimeError("disk on fire")
-        return real(path, i)
+        return real(path, i, *limits)
 
     real = pack_mod.read_image
     monkeypatch.setattr(pack_mod, "read_image", flaky)
@@ -383,6 +562,7 @@ def test_max_pixels_floor_is_where_smart_resize_starts_to_give_a_zero_side():
 # --- the real LLaMA-Factory files ---------------------------------------------------------------------
 
 
+@needs_peers
 def test_llamafactory_mllm_demo(tmp_path):
     s = pack(MLLM_DEMO, tmp_path / "out")
     assert (s.read, s.written, s.rejected, s.shards, s.paths_resolved_by_suffix) == (6, 6, 0, 1, 0)
@@ -400,6 +580,7 @@ def test_llamafactory_mllm_demo(tmp_path):
     assert json.loads(got[0]["json"])["images"] == [{"width": 300, "height": 168}] * 2
 
 
+@needs_peers
 def test_llamafactory_v1_content_lists_with_repo_root_paths(tmp_path):
     """No flags, no edits: `data/mllm_demo_data/1.jpg` is found by dropping `data/` (counted and reported)."""
     s = pack(V1_DEMO, tmp_path / "v1", workers=2)
@@ -447,7 +628,8 @@ def test_max_tokens_counts_what_the_collator_encodes(tmp_path, tiny_model_dir):
         [p for m in meta["messages"] for p in m["content"] if p["type"] == "image"], meta["images"])] == [2 * 7, 4 * 1, 2 * 4, 7 * 2]
     s = pack(src, tmp_path / "fits", max_tokens=n, model=tiny_model_dir, **limits)
     assert (s.written, s.rejected) == (1, 0)
-    assert read_manifest(tmp_path / "fits")["checks"] == {"max_image_pixels": 89_478_485, "max_aspect_ratio": 200, "max_tokens": n,
+    assert read_manifest(tmp_path / "fits")["checks"] == {"max_image_pixels": 89_478_485, "max_image_bytes": 64 << 20,
+                                                          "confine": False, "max_aspect_ratio": 200, "max_tokens": n,
                                                           "model": str(tiny_model_dir), **limits,
                                                           "max_pixels_floor": 28 * 28 * 200 // 50 + 1}  # tall.png: 50x200
     assert TokenCounter(str(tiny_model_dir), **limits).factor == pack_mod.QWEN_FACTOR

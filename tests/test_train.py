@@ -91,7 +91,7 @@ def test_torchrun_two_ranks_4bit_accumulation(tiny_model_dir, demo_shards, tmp_p
     assert (run / "latest").read_text().strip() == f"step_{steps:08d}"
     assert {p.name for p in (run / f"step_{steps:08d}").iterdir()} == {
         "adapter", "train_state.json", "config.yaml", "rank00000.json", "rank00001.json",
-        "optimizer.rank00000.pt", "optimizer.rank00001.pt", "rng.rank00000.pt", "rng.rank00001.pt"}
+        "optimizer.rank00000.pt", "optimizer.rank00001.pt", "rng.rank00000.safetensors", "rng.rank00001.safetensors"}
     assert f"held-out loss: {val[0]:.4f} at step 0 -> {val[steps]:.4f} at step {steps}" in proc.stdout
 
 

@@ -1,4 +1,4 @@
-"""Step-numbered checkpoints in the run folder, written atomically, with a `latest` pointer and keep-last-k.
+"""Step-numbered checkpoints in the run folder, published atomically, with a `latest` pointer and keep-last-k.
 
 runs/NAME/step_00000100/
     adapter/adapter_config.json, adapter/adapter_model.safetensors   (PEFT's layout: loadable by plain peft)
@@ -6,14 +6,29 @@ runs/NAME/step_00000100/
     deepspeed/                    (engine deepspeed, instead: DeepSpeed's own shards of the trained weights and
                                    their optimizer state, one set per rank; nothing frozen)
     zero_to_fp32.py, ...          (engine deepspeed: DeepSpeed's scripts that consolidate deepspeed/ offline)
-    train_state.json              (step, world size, engine, counters)
+    train_state.json              (step, world size, engine, counters; written last)
     rank00000.json, ...           (each rank's data-stream position)
-    rng.rank00000.pt, ...         (each rank's torch / CUDA / numpy / python RNG states: dropout resumes exactly)
+    rng.rank00000.safetensors     (each rank's torch / CUDA / numpy / python RNG states, as tensors and numbers:
+                                   dropout resumes exactly)
     config.yaml                   (the resolved config of the run that wrote it)
-runs/NAME/latest                                                      (the name of the newest complete folder)
+runs/NAME/latest                  (the name of the newest complete folder)
 
-A checkpoint is assembled in a hidden temporary folder and renamed into place in one step, and `latest` is
-replaced atomically after that, so a crash mid-save leaves the previous checkpoint as the one to resume from.
+How a save stays safe against a kill at any moment:
+- it is assembled in `.tmp-step_X` and renamed into place in one step, then `latest` is replaced atomically, so a
+  crash mid-save leaves the previous checkpoint as the one to resume from; leftovers of killed saves (of any step)
+  are removed by the next save;
+- a step already saved by this run (a pre-emption right after a periodic save, a resume that stops before its
+  first step, a finished run resumed) is reused, not rewritten; a step_X that must be replaced (an earlier,
+  abandoned attempt at that step) is moved aside to `.old-step_X` first and deleted only once `latest` names its
+  replacement, so there is always a complete folder to resume from;
+- `run.resume=auto` trusts `latest` only when it names a complete `step_*` folder of this run; otherwise it takes
+  the newest complete checkpoint in the folder (and says so), or refuses in one line.
+
+Nothing a resume reads runs code: JSON, safetensors, and torch files loaded with `weights_only=True` (a pickle
+that names anything but tensors and plain containers is refused). DeepSpeed's own files (engine deepspeed) are
+pickles that DeepSpeed unpickles in full: vlora first reads each of them with `weights_only=True` and a short list
+of DeepSpeed's plain classes, and refuses the checkpoint if one names anything else.
+
 The run folder must be on a file system that every rank sees (as for any multi-node checkpoint).
 """
 
@@ -21,17 +36,24 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import random
+import re
 import shutil
-import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vlora.distributed import World, barrier
 from vlora.errors import VloraError
-from vlora.model import save_adapter
+from vlora.failpoints import failpoint
+from vlora.metrics import log
 
 STEP_PREFIX = "step_"
+STEP_NAME = re.compile(r"step_\d{8}")
+ASIDE_PREFIX = ".old-"  # a published checkpoint moved aside while its replacement is renamed into place
+TMP_PREFIX = ".tmp-"  # a checkpoint being assembled
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -43,23 +65,18 @@ def _rank_file(folder: Path, rank: int) -> Path:
 
 
 def _rng_file(folder: Path, rank: int) -> Path:
-    return folder / f"rng.rank{rank:05d}.pt"
+    return folder / f"rng.rank{rank:05d}.safetensors"
+
+
+# ---- RNG states as tensors and numbers (safetensors), never a pickle ----
 
 
 def rng_states() -> dict:
-    import random
-
-    import numpy as np
-
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_states(states: dict) -> None:
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
@@ -67,76 +84,244 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def save_rng_states(path: Path, states: dict) -> None:
+    from safetensors.torch import save_file
+
+    kind, keys, pos, has_gauss, cached_gaussian = states["numpy"]
+    version, internal, gauss_next = states["python"]
+    tensors = {"torch": states["torch"], "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+               "python_state": torch.tensor(internal, dtype=torch.int64)}
+    tensors.update({f"cuda{i}": s for i, s in enumerate(states["cuda"])})
+    numbers = {"numpy_kind": kind, "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss),
+               "numpy_cached_gaussian": float(cached_gaussian), "python_version": version,
+               "python_gauss_next": gauss_next, "cuda_devices": len(states["cuda"])}
+    save_file(tensors, str(path), metadata={"vlora_rng": json.dumps(numbers)})
+
+
+def load_rng_states(path: Path) -> dict:
+    """The RNG states `save_rng_states` wrote; anything else (a pickle, a torn file, wrong shapes) is refused in one
+    line."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            numbers = json.loads((f.metadata() or {})["vlora_rng"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        cuda = [tensors[f"cuda{i}"] for i in range(int(numbers["cuda_devices"]))]
+        states = {
+            "torch": tensors["torch"],
+            "numpy": (str(numbers["numpy_kind"]), tensors["numpy_keys"].numpy().astype(np.uint32),
+                      int(numbers["numpy_pos"]), int(numbers["numpy_has_gauss"]),
+                      float(numbers["numpy_cached_gaussian"])),
+            "python": (int(numbers["python_version"]), tuple(int(x) for x in tensors["python_state"].tolist()),
+                       None if numbers["python_gauss_next"] is None else float(numbers["python_gauss_next"])),
+            "cuda": cuda,
+        }
+        ok = (states["torch"].dtype == torch.uint8 and states["torch"].ndim == 1 and len(states["numpy"][1]) == 624
+              and len(states["python"][1]) == 625 and all(c.dtype == torch.uint8 for c in cuda))
+    except Exception as e:  # safetensors, JSON and key errors alike: the file is not what vlora wrote
+        raise VloraError(f"checkpoint file {path} is not a vlora RNG state file ({_first_line(e)})") from None
+    if not ok:
+        raise VloraError(f"checkpoint file {path} holds RNG states of the wrong shape or type")
+    return states
+
+
+# ---- files a resume reads: plain formats only ----
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VloraError(f"checkpoint file {path} is missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise VloraError(f"checkpoint file {path} is not JSON ({_first_line(e)})") from None
+    if not isinstance(value, dict):
+        raise VloraError(f"checkpoint file {path} does not hold a JSON object")
+    return value
+
+
+def load_tensors(path: Path, map_location=None):
+    """A torch file of tensors and plain containers (`weights_only=True`: no code runs); a pickle that names
+    anything else is refused in one line."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise VloraError(f"checkpoint file {path} is missing") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
+        raise VloraError(f"checkpoint file {path} is not a plain tensor file; refused to unpickle it "
+                         f"({_first_line(e)})") from None
+
+
+def load_safetensors(path: Path, device: str = "cpu") -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except FileNotFoundError:
+        raise VloraError(f"checkpoint file {path} is missing") from None
+    except Exception as e:  # SafetensorError for anything that is not a safetensors file (a pickle included)
+        raise VloraError(f"checkpoint file {path} is not a safetensors file ({_first_line(e)})") from None
+
+
+# ---- which checkpoints a run folder holds ----
+
+
+def is_complete(folder: Path) -> bool:
+    """A folder that a finished save published: train_state.json (written last) and every rank's files."""
+    try:
+        state = json.loads((folder / "train_state.json").read_text())
+        world_size = int(state["world_size"])
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (folder / "adapter" / "adapter_model.safetensors").is_file() and all(
+        _rank_file(folder, r).is_file() and _rng_file(folder, r).is_file() for r in range(world_size))
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints in the run folder, oldest first; at the same step a published `step_X` comes after
+    (is preferred to) a `.old-step_X` that a killed save had moved aside."""
+    found = []
+    for path in run_dir.glob(f"*{STEP_PREFIX}*"):
+        name = path.name.removeprefix(ASIDE_PREFIX)
+        if STEP_NAME.fullmatch(name) and (path.name == name or path.name.startswith(ASIDE_PREFIX)) and \
+                is_complete(path):
+            found.append((name, path.name == name, path))
+    return [p for _, _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, when it is a complete step_* folder of this run; else None."""
+    pointer = run_dir / "latest"
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    path = run_dir / name
+    return path if STEP_NAME.fullmatch(name) and is_complete(path) else None
+
+
+def resolve_resume(run_dir: Path, resume: str) -> Path | None:
+    """`auto`: the run's latest complete checkpoint (None in a folder that holds none and no `latest`); a path: that
+    checkpoint folder; empty: none."""
+    if not resume:
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / "train_state.json").is_file():
+            raise VloraError(f"run.resume '{resume}' is not a checkpoint folder (no train_state.json)")
+        return path
+    pointer = run_dir / "latest"
+    named = pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+    if named is not None and not STEP_NAME.fullmatch(named):
+        raise VloraError(f"{pointer} names '{named[:80]}', not a step_NNNNNNNN folder of this run: refused; "
+                         "point it at one of the run's step_* folders or resume from a path (run.resume=PATH)")
+    if named is not None and is_complete(run_dir / named):
+        return run_dir / named
+    complete = complete_checkpoints(run_dir)
+    if named is None:
+        if complete:  # killed between publishing a folder and writing `latest` for the first time
+            log.warning("run.resume=auto: %s has no `latest`; resuming from %s, the newest complete checkpoint",
+                        run_dir, complete[-1].name)
+            return complete[-1]
+        return None
+    if not complete:
+        raise VloraError(f"run.resume=auto: {pointer} names {named}, which is missing or incomplete, and {run_dir} "
+                         "holds no other complete checkpoint; start afresh with run.overwrite=true (deletes the "
+                         "folder) or another run.name")
+    log.warning("run.resume=auto: %s names %s, which is missing or incomplete; resuming from %s, the newest "
+                "complete checkpoint", pointer, named, complete[-1].name)
+    return complete[-1]
+
+
+# ---- save and load ----
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, step: int, *, world: World, peft_model, engine=None, optimizer=None,
-                    train_state: dict, rank_state: dict, keep_last: int, config_text: str = "") -> Path:
+def save_checkpoint(run_dir: Path, step: int, *, world: World, peft_model, engine, train_state: dict,
+                    rank_state: dict, keep_last: int, config_text: str = "", reuse: bool = False,
+                    preempted: bool = False) -> Path:
     """Collective: every rank writes its own state, rank 0 the shared part; then rank 0 publishes the folder.
 
-    `engine` (vlora.engine) saves what it owns; a bare `optimizer` instead is saved as the DDP engine would.
+    `reuse`: this run already saved (or resumed from) `step`; if that folder is complete it is kept as it is.
+    `preempted`: rank 0 also writes runs/NAME/PREEMPTED (the step), before the save's last barrier, so no rank
+    leaves the save before the marker exists.
     """
-    from vlora.engine import Engine
-
-    if engine is None:
-        engine = Engine.for_optimizer(optimizer, world)
     final = step_dir(run_dir, step)
-    tmp = run_dir / f".tmp-{final.name}"
+    if reuse and is_complete(final):
+        if world.is_main:
+            if latest_checkpoint(run_dir) != final:
+                _write_atomic(run_dir / "latest", final.name + "\n")
+            _remove_leftovers(run_dir)
+            _finish(run_dir, step, preempted)
+        barrier()
+        return final
+
+    tmp = run_dir / f"{TMP_PREFIX}{final.name}"
     if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in run_dir.glob(f"{TMP_PREFIX}{STEP_PREFIX}*"):  # killed saves, of this step or any other
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    failpoint("save:begin", step)
     # Every rank writes its own files: the data position, the RNG states, and its share of the engine's state
     # (DDP: 1/world of the replicated optimizer state, so the checkpoint's write is spread out; DeepSpeed: its
     # shards).
     _rank_file(tmp, world.rank).write_text(json.dumps(rank_state) + "\n")
-    torch.save(rng_states(), _rng_file(tmp, world.rank))
+    save_rng_states(_rng_file(tmp, world.rank), rng_states())
     engine_state = engine.save(tmp)
     adapter_state = engine.adapter_state(peft_model)  # collective under ZeRO-3 (gathered to rank 0), else None
+    failpoint("save:rank_files", step)
     barrier()
     if world.is_main:
-        # Tests set this to hold a save open long enough to kill it half-way; it is 0 (no pause) otherwise.
-        time.sleep(float(os.environ.get("VLORA_DEBUG_SAVE_PAUSE", "0")))
-        if adapter_state is None:
-            save_adapter(peft_model, tmp / "adapter")
-        else:
-            save_adapter(peft_model, tmp / "adapter", state_dict=adapter_state)
+        from vlora.model import save_adapter
+
+        save_adapter(peft_model, tmp / "adapter", state_dict=adapter_state)
         if config_text:
             (tmp / "config.yaml").write_text(config_text)
         state = {"step": step, "world_size": world.size, **engine_state, **train_state}
-        (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
+        (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder whole
+        failpoint("save:before_rename", step)
+        aside = run_dir / f"{ASIDE_PREFIX}{final.name}"
+        if final.exists():  # an abandoned attempt's step_X: kept (aside) until `latest` names its replacement
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)
+        failpoint("save:after_rename", step)
         _write_atomic(run_dir / "latest", final.name + "\n")
+        failpoint("save:after_latest", step)
+        _remove_leftovers(run_dir)
         for old in sorted(run_dir.glob(f"{STEP_PREFIX}*"))[:-keep_last]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
+        _finish(run_dir, step, preempted)
     barrier()
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "latest"
-    if not pointer.is_file():
-        return None
-    path = run_dir / pointer.read_text().strip()
-    return path if path.is_dir() else None
+def _remove_leftovers(run_dir: Path) -> None:
+    """Once `latest` names a complete folder: the folders of killed saves and those moved aside."""
+    for old in [*run_dir.glob(f"{ASIDE_PREFIX}{STEP_PREFIX}*"), *run_dir.glob(f"{TMP_PREFIX}{STEP_PREFIX}*")]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve_resume(run_dir: Path, resume: str) -> Path | None:
-    """`auto`: the run's latest checkpoint, if any; a path: that checkpoint folder; empty: none."""
-    if not resume:
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if not (path / "train_state.json").is_file():
-        raise VloraError(f"run.resume '{resume}' is not a checkpoint folder (no train_state.json)")
-    return path
+def _finish(run_dir: Path, step: int, preempted: bool) -> None:
+    if preempted:
+        _write_atomic(run_dir / "PREEMPTED", f"{step}\n")
+    failpoint("save:end", step)
 
 
 def load_checkpoint(path: Path, *, world: World, peft_model, engine) -> tuple[dict, dict, dict]:
@@ -144,12 +329,11 @@ def load_checkpoint(path: Path, *, world: World, peft_model, engine) -> tuple[di
     this rank's data state, its RNG states). The caller sets the RNG states just before the first step: building
     data loaders draws from them."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    train_state = json.loads((path / "train_state.json").read_text())
-    if train_state["world_size"] != world.size:
+    train_state = read_json(path / "train_state.json")
+    if train_state.get("world_size") != world.size:
         raise VloraError(
-            f"checkpoint {path} was written by {train_state['world_size']} rank(s), this run has {world.size}; "
+            f"checkpoint {path} was written by {train_state.get('world_size')} rank(s), this run has {world.size}; "
             "resume with the same number of processes (the data position is kept per rank)"
         )
     saved_engine = train_state.get("engine", "ddp")
@@ -158,12 +342,14 @@ def load_checkpoint(path: Path, *, world: World, peft_model, engine) -> tuple[di
             f"checkpoint {path} was written by engine {saved_engine}, this run uses {engine.name}; resume with the "
             "same run.engine and ZeRO stage (or start a new run from its adapter with lora.init_from)"
         )
+    # Every file is checked before anything is restored: a bad file fails the resume, not half of it.
+    rng = load_rng_states(_rng_file(path, world.rank))
+    rank_state = read_json(_rank_file(path, world.rank))
+    weights = load_safetensors(path / "adapter" / "adapter_model.safetensors",
+                               device="cpu" if engine.restores_weights else str(world.device))
     if not engine.restores_weights:
-        weights = load_file(path / "adapter" / "adapter_model.safetensors", device=str(world.device))
         result = set_peft_model_state_dict(peft_model, weights)
         if result.unexpected_keys:
             raise VloraError(f"checkpoint {path}: adapter has keys this model lacks, e.g. {result.unexpected_keys[0]}")
     engine.load(path, train_state)
-    rng = torch.load(_rng_file(path, world.rank), weights_only=False)
-    rank_state = json.loads(_rank_file(path, world.rank).read_text())
     return train_state, rank_state, rng

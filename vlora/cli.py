@@ -37,10 +37,11 @@ def cmd_pack(args) -> int:
         raise VloraError(f"--max-reject is a fraction of the records read, between 0 and 1; got {args.max_reject}")
     if args.max_tokens is None and args.model is not None:
         raise VloraError("--model is only used with --max-tokens; add --max-tokens T or drop --model")
-    limit = {} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels}
+    limits = {"max_image_pixels": args.max_image_pixels, "max_image_bytes": args.max_image_bytes}
+    limits = {k: v for k, v in limits.items() if v is not None}  # not given: pack's defaults
     summary = pack(args.src, args.out, fmt=args.format, image_root=args.image_root, shard_size=args.shard_size,
                    workers=args.workers, max_tokens=args.max_tokens, model=args.model, min_pixels=args.min_pixels,
-                   max_pixels=args.max_pixels, progress=sys.stderr.isatty(), **limit)
+                   max_pixels=args.max_pixels, progress=sys.stderr.isatty(), confine=args.confine, **limits)
     print(format_summary(summary))
     errors = reject_report(summary, args.max_reject)
     for line in errors:  # the shards stay written: the user inspects rejects.jsonl, then repacks or raises the limit
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of records that may be rejected before the exit status is 1 (shards are written anyway)")
     k.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-checking processes (output is the same for any number)")
     k.add_argument("--max-image-pixels", type=int, default=None, help="reject larger images (default: PIL's decompression-bomb limit, 89478485)")
+    k.add_argument("--max-image-bytes", type=int, default=None, help="reject larger image files (default: 64 MiB, 67108864)")
+    k.add_argument("--confine", action="store_true",
+                   help="for annotation files from elsewhere: reject images that resolve (symlinks followed) outside --image-root "
+                        "and the annotation file's folder, and take paths as written (no parent-folder or shorter-path fallback)")
     k.add_argument("--max-tokens", type=int, default=None, help="reject samples longer than this in training (needs --model)")
     k.add_argument("--model", type=Path, default=None, help="Qwen2.5-VL folder whose processor counts the tokens")
     k.add_argument("--min-pixels", type=int, default=DataArgs.min_pixels, help="the run's data.min_pixels, for --max-tokens")

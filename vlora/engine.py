@@ -154,9 +154,15 @@ class Engine:
         return out
 
     def load(self, folder: Path, train_state: dict) -> None:
+        from vlora.checkpoint import load_tensors
+
         merged = {"state": {}, "param_groups": None}
         for r in range(self.world.size):  # the full state from every rank's shard
-            shard = torch.load(optimizer_file(folder, r), map_location=self.world.device, weights_only=True)
+            path = optimizer_file(folder, r)
+            shard = load_tensors(path, map_location=self.world.device)
+            if not (isinstance(shard, dict) and isinstance(shard.get("state"), dict)
+                    and isinstance(shard.get("param_groups"), list)):
+                raise VloraError(f"checkpoint file {path} is not an optimizer state shard")
             merged["state"].update(shard["state"])
             merged["param_groups"] = shard["param_groups"]
         self.optimizer.load_state_dict(merged)
@@ -179,13 +185,6 @@ class Engine:
         state = self.adapter_state(peft_model)
         if self.world.is_main:
             save_adapter(peft_model, out, state_dict=state)
-
-    @classmethod
-    def for_optimizer(cls, optimizer, world) -> "Engine":
-        """A DDP engine around a bare optimizer, for saving and loading its state alone."""
-        engine = cls(None, None, world, None)
-        engine.optimizer = optimizer
-        return engine
 
     def close(self) -> None:
         pass
@@ -373,11 +372,18 @@ class DeepSpeedEngine(Engine):
 
     def backward(self, loss):
         # The loop normalised the loss already (by the step's global token count): no division by accumulation.
-        self.ds.backward(loss, scale_wrt_gas=False)
+        # DeepSpeed skips an update by the gradients alone; an infinite loss can still give finite gradients, which
+        # it would apply. Times NaN where the loss is not finite (times exactly 1 where it is; no host sync), its
+        # gradients are NaN, so the step is skipped on every rank, as the DDP engine skips it by the loss.
+        finite = torch.isfinite(loss.detach())
+        poison = torch.where(finite, torch.ones_like(loss), torch.full_like(loss, math.nan)).detach()
+        self.ds.backward(loss * poison, scale_wrt_gas=False)
 
     def step(self, step_loss):
         # On the boundary: the global norm, DeepSpeed's check for non-finite gradients (then it skips the update
-        # on every rank), clipping, the update, and the gradients cleared.
+        # on every rank), clipping, the update, and the gradients cleared. `step_loss` is the step's loss summed
+        # over all ranks (the loop all-reduces it first), so loss_ok, and with it `overflow`, is the same on every
+        # rank; a non-finite loss on any rank made the gradients NaN (backward), so DeepSpeed skipped that step.
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         grad_norm = torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float64)
@@ -393,7 +399,41 @@ class DeepSpeedEngine(Engine):
                                 save_latest=False, exclude_frozen_parameters=True)
         return {"engine": self.name}
 
+    # What DeepSpeed's own checkpoint files pickle besides tensors and plain containers (found by loading the files of
+    # ZeRO-2, ZeRO-3 and ZeRO-3-offload runs, fp32 and bf16, with weights_only=True; the model-states files need
+    # none): in the optimizer states, the loss scaler (LossScaler, a static scale of 1, unless fp16; under fp16
+    # DynamicLossScaler, which the CPU cannot run: taken from DeepSpeed's code), the ZeRO stage as an int enum, and
+    # under ZeRO-1/2 each parameter's (numel, start) slice of the flat partition (fragment_address). They hold
+    # numbers, flags and a dtype; making one runs no code but setting its fields.
+    SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                    "deepspeed.runtime.zero.config.ZeroStageEnum",
+                    "deepspeed.utils.tensor_fragment.fragment_address")
+
+    @classmethod
+    def check_checkpoint_files(cls, folder: Path) -> list[Path]:
+        """Read every file under folder/deepspeed with `weights_only=True` and only SAFE_GLOBALS allowed, before
+        DeepSpeed's load_checkpoint unpickles them in full (`weights_only=False`): a file that names any other
+        global is refused in one line naming it, and nothing in it runs. Returns the files checked."""
+        import importlib
+
+        from vlora.checkpoint import load_tensors
+
+        allowed = []
+        for name in cls.SAFE_GLOBALS:
+            module, _, attr = name.rpartition(".")
+            allowed.append(getattr(importlib.import_module(module), attr))
+        ds_dir = Path(folder) / DS_TAG
+        files = sorted(p for p in ds_dir.rglob("*") if p.is_file()) if ds_dir.is_dir() else []
+        if not files:
+            raise VloraError(f"checkpoint {folder}: {ds_dir} holds no DeepSpeed files")
+        with torch.serialization.safe_globals(allowed):
+            for path in files:
+                load_tensors(path, map_location="cpu")
+        return files
+
     def load(self, folder, train_state):
+        self.check_checkpoint_files(folder)
         path, client = self.ds.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=False,
                                                load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:

@@ -16,16 +16,25 @@ from vlora.errors import VloraError
 
 
 def lr_at(step: int, o: OptimArgs) -> float:
-    """Linear warm-up from lr/warmup to lr over `warmup_steps`, then cosine down to lr * min_lr_ratio at max_steps.
+    """The learning rate of optimizer step `step` (counted from 0; the run's steps are 0 .. max_steps - 1).
 
-    `step` counts optimizer steps from 0; the value is the rate used for that step.
+    With M = max_steps, W = min(warmup_steps, M - 1) (a warm-up as long as the run is shortened by one step, so the
+    run still ends at the floor), peak step p = max(W - 1, 0) and floor = lr * min_lr_ratio:
+
+        lr_at(s) = lr * (s + 1) / W                                        for s < p   (linear warm-up)
+        lr_at(s) = floor + (lr - floor) * (1 + cos(pi * (s - p) / (M - 1 - p))) / 2   for p <= s < M
+
+    so the peak is used at exactly one step (p, the last of the warm-up), and the last step the run takes (M - 1)
+    runs at the floor. Past M (never run) the rate stays at the floor.
     """
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    decay_steps = max(1, o.max_steps - o.warmup_steps)
-    progress = min(1.0, (step - o.warmup_steps) / decay_steps)
-    min_lr = o.lr * o.min_lr_ratio
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - min_lr)
+    warmup = max(0, min(o.warmup_steps, o.max_steps - 1))
+    peak_step = max(warmup - 1, 0)
+    if step < peak_step:
+        return o.lr * (step + 1) / warmup
+    decay_steps = max(1, o.max_steps - 1 - peak_step)
+    progress = min(1.0, (step - peak_step) / decay_steps)
+    floor = o.lr * o.min_lr_ratio
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - floor)
 
 
 COMPONENTS = ("llm", "merger", "vision")  # each with its multiplier optim.lr_<component>

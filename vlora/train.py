@@ -28,6 +28,7 @@ from vlora.distributed import (
     init_distributed, world_size_from_env,
 )
 from vlora.errors import VloraError
+from vlora.failpoints import failpoint
 from vlora.metrics import Metrics, log, peak_memory_gib, plot_curves, setup_logging
 
 
@@ -128,6 +129,8 @@ def train(cfg: Config, plan: Plan) -> dict:
         save_config(cfg, run_dir / "config.yaml")
     barrier()
     resume_from = resolve_resume(run_dir, cfg.run.resume)
+    if resume_from is None and cfg.run.resume == "auto":
+        log.info("run.resume=auto: no checkpoint in %s yet; starting at step 0", run_dir)
     log.info("world %d | device %s | engine %s | precision %s | 4-bit %s | grad_accum %d | global batch %d",
              world.size, world.device, engine.name, precision.name, cfg.model.quant, plan.grad_accum,
              cfg.optim.global_batch)
@@ -149,7 +152,7 @@ def train(cfg: Config, plan: Plan) -> dict:
     start_step, counters, data_state, rng = 0, {"skipped_samples": 0, "skipped_steps": 0}, None, None
     if resume_from is not None:
         train_state, rank_state, rng = load_checkpoint(resume_from, world=world, peft_model=peft_model, engine=engine)
-        start_step, data_state = train_state["step"], rank_state["data"]
+        start_step, data_state = train_state["step"], rank_state.get("data")
         counters = {k: train_state.get(k, 0) for k in counters}
         log.info("resumed from %s at step %d", resume_from, start_step)
 
@@ -187,17 +190,22 @@ def train(cfg: Config, plan: Plan) -> dict:
     skipped = torch.full((), counters["skipped_samples"], dtype=torch.float64, device=world.device)  # all ranks'
     skipped_steps = counters["skipped_steps"]  # non-finite or fp16-overflow steps whose update was not applied
 
-    def checkpoint(step: int, data_position: dict | None = None) -> Path:
+    # The step whose checkpoint this run holds already (saved, or resumed from): saving it again reuses it.
+    saved_step = start_step if resume_from is not None else None
+
+    def checkpoint(step: int, data_position: dict | None = None, preempted: bool = False) -> Path:
+        nonlocal saved_step
         train_state = {"skipped_samples": int(skipped), "skipped_steps": skipped_steps}
-        return save_checkpoint(run_dir, step, world=world, peft_model=peft_model, engine=engine,
+        path = save_checkpoint(run_dir, step, world=world, peft_model=peft_model, engine=engine,
                                train_state=train_state, rank_state={"data": data_position or batches.state_dict()},
-                               keep_last=cfg.run.keep_last, config_text=(run_dir / "config.yaml").read_text())
+                               keep_last=cfg.run.keep_last, config_text=(run_dir / "config.yaml").read_text(),
+                               reuse=step == saved_step, preempted=preempted)
+        saved_step = step
+        return path
 
     # ---- the loop ----
     loss_fn.train()  # from_pretrained returns eval mode: LoRA dropout and gradient checkpointing need train mode
     bad_in_a_row = 0
-    nan_steps = {int(x) for x in os.environ.get("VLORA_DEBUG_NAN_STEPS", "").split(",") if x}  # tests only
-    stall = _debug_stall(world.rank)  # tests only: the step at which this rank stops answering
     heartbeat = Heartbeat(world)  # so that a timed-out collective can name the rank that did not get there
     if rng is not None:
         set_rng_states(rng)  # now, after the loaders drew their seeds: dropout continues exactly where it stopped
@@ -213,8 +221,7 @@ def train(cfg: Config, plan: Plan) -> dict:
             set_lr(optimizer, lr)
             position = batches.state_dict()  # where this step's data starts: what a pre-emption save must record
             micro_batches = [next(batches) for _ in range(plan.grad_accum)]
-            if step + 1 == stall:
-                _stall_until_killed(preemption)
+            failpoint("step", step + 1)
             heartbeat.beat(step + 1)
 
             # The step's global counts, known before any forward: the loss divisor, the throughput numerator, the
@@ -226,9 +233,7 @@ def train(cfg: Config, plan: Plan) -> dict:
                                   dtype=torch.float64, device=world.device)
             all_reduce_sum(counts)
             if counts[3] > 0:  # every rank sees the same sum, so all stop after the same completed step
-                path = checkpoint(step, data_position=position)
-                if world.is_main:
-                    (run_dir / "PREEMPTED").write_text(f"{step}\n")
+                path = checkpoint(step, data_position=position, preempted=True)
                 log.warning("pre-empted (%s) after step %d: checkpoint %s; continue with run.resume=auto",
                             preemption.name or "another rank", step, path)
                 metrics.close()
@@ -243,13 +248,18 @@ def train(cfg: Config, plan: Plan) -> dict:
                 with engine.micro_step(boundary=i == plan.grad_accum - 1):
                     with precision.autocast():
                         loss_sum = engine(to_device(batch, world.device))
-                    if step + 1 in nan_steps:
+                    if failpoint("loss", step + 1):
                         loss_sum = loss_sum * float("nan")
                     # Both engines average gradients over ranks; multiplying by world size turns that into a sum,
                     # so the result is sum(loss) / global_supervised exactly.
                     engine.backward(loss_sum * (world.size / global_supervised))
                 step_loss += loss_sum.detach()
 
+            if failpoint("grad", step + 1):
+                next(p for p in engine.params if p.grad is not None).grad.fill_(float("inf"))
+            # The step's loss over all ranks: whether it is finite is decided for all ranks at once (one rank's own
+            # loss may be finite while another's is not; under fp16 they would then disagree on what to skip).
+            all_reduce_sum(step_loss)
             # Clip, then update unless the loss or the gradient norm is not finite: the same decision on every rank.
             result = engine.step(step_loss)
             grad_norm = result.grad_norm
@@ -281,7 +291,6 @@ def train(cfg: Config, plan: Plan) -> dict:
                     trace.write("digests", {"step": done, "digest": param_digest(engine.params)})
 
             if done % cfg.run.log_every == 0 or done == cfg.optim.max_steps:
-                all_reduce_sum(window_loss)
                 elapsed = time.perf_counter() - window_start
                 supervised, tokens = window_counts.tolist()
                 metrics.step({
@@ -322,7 +331,6 @@ def train(cfg: Config, plan: Plan) -> dict:
     if world.is_main:
         processor.save_pretrained(str(adapter_dir))  # the adapter folder is self-contained for inference
         (run_dir / "PREEMPTED").unlink(missing_ok=True)
-    _debug_dump_logits(peft_model, heldout, world)
     barrier()
     metrics.close()
     trace.close()
@@ -337,37 +345,6 @@ def train(cfg: Config, plan: Plan) -> dict:
     if world.is_main:
         print(f"adapter saved to {adapter_dir}", flush=True)
     return result
-
-
-def _debug_stall(rank: int) -> int:
-    """VLORA_DEBUG_STALL=RANK:STEP (tests only): that rank stops answering at the start of that step."""
-    spec = os.environ.get("VLORA_DEBUG_STALL", "")
-    if not spec:
-        return 0
-    stalled_rank, stalled_step = (int(x) for x in spec.split(":"))
-    return stalled_step if stalled_rank == rank else 0
-
-
-def _stall_until_killed(preemption: PreemptionSignal) -> None:
-    """Stop answering (the other ranks' collectives wait) until torchrun, seeing another rank fail, sends SIGTERM;
-    then die at once, as a stuck process would when SIGKILLed (torchrun waits 30 s before doing that itself)."""
-    while preemption.received is None:
-        time.sleep(0.1)
-    os._exit(EXIT_PREEMPTED)
-
-
-def _debug_dump_logits(peft_model, heldout: list[dict], world: World) -> None:
-    """VLORA_DEBUG_LOGITS=FILE (tests only): rank 0 saves its first held-out batch and the trained model's logits on
-    it (every rank runs one forward, as ZeRO-3 needs), to compare with the exported adapter loaded by plain peft."""
-    path = os.environ.get("VLORA_DEBUG_LOGITS")
-    if not path or not heldout:
-        return
-    from vlora.model import full_logits
-
-    peft_model.eval()
-    logits = full_logits(peft_model, to_device(heldout[0], world.device))
-    if world.is_main:
-        torch.save({"batch": heldout[0], "logits": logits.cpu()}, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,24 +164,45 @@ class PathResolver:
     fallback resolutions, so a surprising match can be noticed. When no candidate exists the first is returned,
     and the missing-image reject names it. Absolute paths and file:// URLs stay as they are; http(s) URLs are
     refused: packing never downloads.
+
+    `confine` (for annotation files from elsewhere): a path is taken as written, image_root/path then
+    annotation_dir/path, without the two fallbacks (they are guesses, and the ancestors lie outside the roots by
+    construction), and the path taken must resolve, symlinks followed, inside image_root or annotation_dir;
+    otherwise an `image_outside_root` RecordError, raised before anything is opened. Absolute paths too.
+    The candidate is chosen as without `confine`, so confining refuses paths but never binds another file.
     """
 
     PARENT_LEVELS = 3
 
-    def __init__(self, annotation_dir: Path, image_root: Path | None = None):
+    def __init__(self, annotation_dir: Path, image_root: Path | None = None, *, confine: bool = False):
         self.annotation_dir = annotation_dir.expanduser().absolute()
         self.image_root = image_root.expanduser().absolute() if image_root is not None else None
         self.by_suffix = 0
+        self.confine = confine
+        # Real paths, so a root reached through a symlink still contains its own files.
+        self.roots = [Path(os.path.realpath(d)) for d in (self.image_root, self.annotation_dir) if d is not None]
 
     def __call__(self, ref: str) -> Path | str:
         if ref.startswith(("http://", "https://")):
             raise RecordError("remote_image", f"{ref[:100]}: remote images are not downloaded; fetch it and use a local path")
         if ref.startswith("data:"):
             return ref
-        path = Path(ref.removeprefix("file://")).expanduser()
-        if path.is_absolute():
-            return path
+        if "\0" in ref:  # no file has such a name, and os functions raise ValueError on it
+            raise RecordError("image_unreadable", f"{ref[:100]!r}: a NUL byte in the path")
+        try:
+            path = Path(ref.removeprefix("file://")).expanduser()
+        except RuntimeError:  # `~name/...` of an unknown user: one reject, not the end of the pack
+            raise RecordError("image_missing", f"{ref[:100]}: no home folder for that user") from None
+        if not path.is_absolute():
+            path = self._relative(path)
+        if self.confine:
+            self._check_inside(ref, path)
+        return path
+
+    def _relative(self, path: Path) -> Path:
         direct = [d / path for d in (self.image_root, self.annotation_dir) if d is not None]
+        if self.confine:
+            return next((c for c in direct if c.is_file()), direct[0])
         # A bare file name stays beside the annotation file: a same-named file elsewhere is no evidence.
         ancestors = [a / path for a in self.annotation_dir.parents[: self.PARENT_LEVELS]] if len(path.parts) > 1 else []
         shorter = [self.annotation_dir / Path(*path.parts[k:]) for k in range(1, len(path.parts) - 1)]
@@ -189,6 +211,15 @@ class PathResolver:
                 self.by_suffix += n >= len(direct)
                 return candidate
         return direct[0]
+
+    def _check_inside(self, ref: str, path: Path) -> None:
+        # realpath, not a look at the path's text: `..` and symlinks (a link to /etc/passwd inside the folder)
+        # are followed as open() would follow them. A missing path is judged by where it would be.
+        real = Path(os.path.realpath(path))
+        if not any(real == root or root in real.parents for root in self.roots):
+            where = f"resolves to {real}, " if str(real) != ref else ""
+            raise RecordError("image_outside_root", f"{ref[:100]}: {where}outside {' and '.join(map(str, self.roots))}; "
+                                                    "--confine reads images under --image-root and the annotation file's folder only")
 
 
 def _with_system(record: dict, messages: list[dict]) -> list[dict]:
@@ -424,8 +455,9 @@ class Source:
     resolver: PathResolver
 
 
-def read_annotations(path, *, image_root=None, fmt: str | None = None) -> Source:
-    """Open an annotation file; `fmt` None (or "auto") detects the format from the first records.
+def read_annotations(path, *, image_root=None, fmt: str | None = None, confine: bool = False) -> Source:
+    """Open an annotation file; `fmt` None (or "auto") detects the format from the first records; `confine`: see
+    PathResolver.
 
     A wrong path or an unknown format raises VloraError at once; per-record problems come back as Record.error.
     """
@@ -442,7 +474,7 @@ def read_annotations(path, *, image_root=None, fmt: str | None = None) -> Source
         if fmt is None:
             what = "has no records" if not head else f"matches no known format in its first {len(head)} records"
             raise UnknownFormat(f"{path}: {what}; expected {', '.join(FORMATS)} records (see vlora/data/formats.py)")
-    resolver = PathResolver(path.parent, None if image_root is None else Path(image_root))
+    resolver = PathResolver(path.parent, None if image_root is None else Path(image_root), confine=confine)
 
     def records() -> Iterator[Record]:
         for index, (line, raw) in enumerate(itertools.chain(head, raws)):

@@ -10,7 +10,10 @@ line of rejects.jsonl with its file, record index (and line, for JSON Lines), a 
     no_assistant, empty_answer                nothing to learn from
     remote_image                              an http(s) URL: packing never downloads (data: URIs are decoded)
     image_missing, image_unreadable           not there, or not fully decodable (truncated files included)
-    image_too_large                           over --max-image-pixels (PIL's decompression-bomb limit)
+    image_not_a_file                          a directory, FIFO, device (/dev/zero) or socket: never opened
+    image_too_large                           over --max-image-pixels (PIL's decompression-bomb limit), or over
+                                              --max-image-bytes (checked on the file's size before reading)
+    image_outside_root                        with --confine: resolves outside --image-root and the file's folder
     bad_aspect_ratio                          over 200:1, which Qwen's smart_resize refuses, or so narrow that it
                                               resizes to zero width under max_pixels (--max-pixels or per image)
     too_many_tokens                           over --max-tokens at the run's pixel limits (optional check)
@@ -44,6 +47,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import stat
 import time
 import warnings
 from collections import deque
@@ -69,6 +73,7 @@ KNOWN_EXTS = {"jpg", "png", "webp", "gif", "bmp", "tiff"}
 PIL_EXTS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 MAX_ASPECT_RATIO = 200  # qwen_vl_utils.smart_resize's limit
 PIL_MAX_IMAGE_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS
+MAX_IMAGE_BYTES = 64 << 20  # generous: a photo is a few MiB; only a bound on what one record can make us read
 ANNOTATION_SUFFIXES = (".json", ".jsonl")
 # Records per worker task: large enough to amortise the inter-process round trip, small enough to balance.
 CHUNK = 64
@@ -166,31 +171,81 @@ def validate(sample: dict) -> None:
             raise RecordError("empty_answer", f"assistant message {j} is empty; fill it in or drop the turn")
 
 
-def _image_bytes(ref: Path | str, i: int) -> bytes:
-    """The bytes behind an image reference: a file, or a base64 data: URI (formats.py keeps those as strings)."""
-    if isinstance(ref, str):
-        header, _, payload = ref.partition(",")
-        try:
-            if not header.endswith(";base64"):
-                raise ValueError("only base64 data: URIs are supported")
-            return base64.b64decode(payload, validate=True)
-        except (ValueError, binascii.Error) as e:
-            raise RecordError("image_unreadable", f"image {i} {header[:40]}: {e}") from None
+def _too_large(i: int, name, size: str, max_bytes: int) -> RecordError:
+    return RecordError("image_too_large", f"image {i} {name}: {size}, over --max-image-bytes {max_bytes}; "
+                                          "raise the limit or re-encode the image smaller")
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_a_file(i: int, path: Path, mode: int) -> RecordError:
+    kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "a special file")
+    return RecordError("image_not_a_file", f"image {i} {path}: {kind}, not a regular file")
+
+
+def _file_bytes(path: Path, i: int, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`, or RecordError; anything else is refused unopened.
+
+    An annotation may name any path: open() blocks on a FIFO until a writer comes, /dev/zero never ends and
+    opening some devices has side effects. So the path is stat'ed first (following symlinks, as open would)
+    and only a regular file of an acceptable size is opened.
+    """
     try:
-        return ref.read_bytes()
+        st = os.stat(path)
     except FileNotFoundError:
-        raise RecordError("image_missing", f"image {i} not found: {ref}") from None
+        raise RecordError("image_missing", f"image {i} not found: {path}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise RecordError("image_unreadable", f"image {i} {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_a_file(i, path, st.st_mode)
+    if st.st_size > max_bytes:
+        raise _too_large(i, path, f"{st.st_size} bytes", max_bytes)
+    try:
+        # O_NONBLOCK: were the path swapped for a FIFO after the stat, open returns at once (no wait for a
+        # writer) and fstat refuses it; on a regular file the flag changes nothing.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
+                raise _not_a_file(i, path, mode)
+            # The size seen by stat plus one byte; should the file have grown since, read on, to one byte over the cap.
+            data = f.read(min(st.st_size, max_bytes) + 1)
+            if len(data) > st.st_size:
+                data += f.read(max_bytes + 1 - len(data))
+    except FileNotFoundError:
+        raise RecordError("image_missing", f"image {i} not found: {path}") from None
     except OSError as e:
-        raise RecordError("image_unreadable", f"image {i} {ref}: {e.strerror or e}") from None
+        raise RecordError("image_unreadable", f"image {i} {path}: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise _too_large(i, path, "grew while read", max_bytes)
+    return data
 
 
-def read_image(ref: Path | str, i: int) -> tuple[bytes, str, int, int]:
-    """(original bytes, extension, width, height) of image i; RecordError if missing, undecodable or too large.
+def _image_bytes(ref: Path | str, i: int, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes behind an image reference: a file, or a base64 data: URI (formats.py keeps those as strings)."""
+    if not isinstance(ref, str):
+        return _file_bytes(ref, i, max_bytes)
+    header, _, payload = ref.partition(",")
+    try:
+        if not header.endswith(";base64"):
+            raise ValueError("only base64 data: URIs are supported")
+        data = base64.b64decode(payload, validate=True)
+    except (ValueError, binascii.Error) as e:
+        raise RecordError("image_unreadable", f"image {i} {header[:40]}: {e}") from None
+    if len(data) > max_bytes:  # the same limit as for a file, wherever the bytes come from
+        raise _too_large(i, header[:40], f"{len(data)} bytes", max_bytes)
+    return data
+
+
+def read_image(ref: Path | str, i: int, max_bytes: int = MAX_IMAGE_BYTES) -> tuple[bytes, str, int, int]:
+    """(original bytes, extension, width, height) of image i; RecordError if missing, not a regular file,
+    undecodable or too large.
 
     The pixel limit is PIL's Image.MAX_IMAGE_PIXELS (set by the pack run): over it PIL warns, over twice it
     raises DecompressionBombError; both become an `image_too_large` reject, found from the header before decoding.
     """
-    data = _image_bytes(ref, i)
+    data = _image_bytes(ref, i, max_bytes)
     name = ref if isinstance(ref, Path) else "(data: URI)"
     try:
         with warnings.catch_warnings():
@@ -283,8 +338,9 @@ class Checker:
     """Checks one canonical sample and reads its images: the per-record work that runs in the worker pool."""
 
     def __init__(self, *, max_image_pixels: int, min_pixels: int, max_pixels: int, max_tokens: int | None = None,
-                 counter: TokenCounter | None = None):
+                 counter: TokenCounter | None = None, max_image_bytes: int = MAX_IMAGE_BYTES):
         self.max_image_pixels, self.min_pixels, self.max_pixels = max_image_pixels, min_pixels, max_pixels
+        self.max_image_bytes = max_image_bytes
         self.max_tokens, self.counter = max_tokens, counter
 
     def __call__(self, sample: dict | None):
@@ -298,7 +354,7 @@ class Checker:
             parts = [p for m in sample["messages"] for p in m["content"] if p["type"] == "image"]
             for i, (ref, part) in enumerate(zip(sample["images"], parts)):
                 if ref not in seen:  # a sample may show one image twice: decode it once
-                    seen[ref] = read_image(ref, i)
+                    seen[ref] = read_image(ref, i, self.max_image_bytes)
                 _, _, w, h = seen[ref]
                 # Only per-image sizes or a very narrow image can fail to resize: skipping the others spares
                 # importing qwen_vl_utils (and torchvision with it, ~1.5 s) on most runs.
@@ -357,12 +413,13 @@ def _checked(items: Iterator[tuple[object, dict | None]], checker: Checker, work
         pool.shutdown(cancel_futures=True)
 
 
-def _shard_entry(refs: list, images: list) -> tuple[dict, list[dict]]:
-    """({"0.jpg": bytes, ...}, [{"width", "height"}, ...]) from a Checker result, reading what a worker left on disk."""
+def _shard_entry(refs: list, images: list, max_bytes: int) -> tuple[dict, list[dict]]:
+    """({"0.jpg": bytes, ...}, [{"width", "height"}, ...]) from a Checker result, reading what a worker left on disk
+    (with the worker's checks on the file: it may have changed since)."""
     entry, data_of = {}, {}
     for i, (ref, (data, ext, _, _)) in enumerate(zip(refs, images)):
         if ref not in data_of:
-            data_of[ref] = data if data is not None else _image_bytes(ref, i)
+            data_of[ref] = data if data is not None else _image_bytes(ref, i, max_bytes)
         entry[f"{i}.{ext}"] = data_of[ref]
     return entry, [{"width": w, "height": h} for _, _, w, h in images]
 
@@ -530,21 +587,25 @@ def _count_records(files: list[Path]) -> int | None:
 
 def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int = 1000, workers: int = 1,
          max_image_pixels: int = PIL_MAX_IMAGE_PIXELS, max_tokens: int | None = None, model=None,
-         min_pixels: int | None = None, max_pixels: int | None = None, progress: bool = False) -> PackSummary:
+         min_pixels: int | None = None, max_pixels: int | None = None, progress: bool = False,
+         max_image_bytes: int = MAX_IMAGE_BYTES, confine: bool = False) -> PackSummary:
     """Pack the annotation file `src` (or every annotation file under the folder `src`) into WebDataset shards
     under `out`, replacing an earlier pack there.
 
     `min_pixels` / `max_pixels` are the run's (by default data.min_pixels / data.max_pixels): every image must
     resize under them as training will; `max_tokens` (with `model`, a Qwen2.5-VL folder) also rejects samples
-    longer than that in training. Raises VloraError for
+    longer than that in training. Only regular files of at most `max_image_bytes` are read as images;
+    `confine` refuses images outside `image_root` and each annotation file's folder (formats.PathResolver).
+    Raises VloraError for
     a missing src, an undetectable format, bad settings or an `out` that is not a shard folder; bad records
     never raise, they are counted and listed in out/rejects.jsonl.
     """
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     out_abs = out.absolute()  # so the temp/old siblings get a name even for out="."
-    if shard_size < 1 or workers < 1 or max_image_pixels < 1:
-        raise VloraError(f"shard_size, workers and max_image_pixels must be at least 1, got {shard_size}, {workers}, {max_image_pixels}")
+    if shard_size < 1 or workers < 1 or max_image_pixels < 1 or max_image_bytes < 1:
+        raise VloraError(f"shard_size, workers, max_image_pixels and max_image_bytes must be at least 1, "
+                         f"got {shard_size}, {workers}, {max_image_pixels}, {max_image_bytes}")
     from vlora.config import DataArgs
 
     min_pixels = DataArgs.min_pixels if min_pixels is None else min_pixels
@@ -556,7 +617,8 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
         if model is None or not (Path(model) / "config.json").is_file():
             raise VloraError(f"--max-tokens needs --model, a local Qwen2.5-VL folder (with config.json); got {model}")
         counter = TokenCounter(str(model), min_pixels=min_pixels, max_pixels=max_pixels)
-    checker = Checker(max_image_pixels=max_image_pixels, min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=max_tokens, counter=counter)
+    checker = Checker(max_image_pixels=max_image_pixels, min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=max_tokens,
+                      counter=counter, max_image_bytes=max_image_bytes)
 
     if not src.exists():
         raise VloraError(f"{src}: annotation file not found; check the path")
@@ -566,10 +628,10 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
     names = [p.name if p == src else p.relative_to(src).as_posix() for p in files]
     entries = [(n, n.rsplit(".", 1)[0], p) for n, p in zip(names, files)]
     if not src.is_dir():  # one file: its format errors come before anything is written
-        opened = read_annotations(src, image_root=image_root, fmt=fmt)
+        opened = read_annotations(src, image_root=image_root, fmt=fmt, confine=confine)
         open_file = lambda path: opened  # noqa: E731
     else:  # a folder: files are opened (and JSON arrays parsed) one at a time, as the records are needed
-        open_file = lambda path: read_annotations(path, image_root=image_root, fmt=fmt)  # noqa: E731
+        open_file = lambda path: read_annotations(path, image_root=image_root, fmt=fmt, confine=confine)  # noqa: E731
     _check_out(out)
     out_abs.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_abs.with_name(f".{out_abs.name}.tmp-{os.getpid()}")
@@ -600,7 +662,7 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
                     raise rec.error
                 if isinstance(result, RecordError):
                     raise result
-                entry, sizes = _shard_entry(rec.sample["images"], result)
+                entry, sizes = _shard_entry(rec.sample["images"], result, max_image_bytes)
                 key = sample_key(rec.raw, stem, rec.index, scoped=scoped)
                 if key in keys:
                     raise RecordError("duplicate_key", f"key {key!r} already used by {keys[key]}; give records unique ids")
@@ -642,8 +704,9 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
             "skipped": s.skipped,
             # max_pixels_floor: a training run's data.max_pixels below it could resize an image here to a zero side
             # (config.validate refuses that); it may lie far below max_pixels, which the images were checked at.
-            "checks": {"max_image_pixels": max_image_pixels, "max_aspect_ratio": MAX_ASPECT_RATIO, "min_pixels": min_pixels,
-                       "max_pixels": max_pixels, "max_pixels_floor": s.max_pixels_floor}
+            "checks": {"max_image_pixels": max_image_pixels, "max_image_bytes": max_image_bytes, "confine": confine,
+                       "max_aspect_ratio": MAX_ASPECT_RATIO, "min_pixels": min_pixels, "max_pixels": max_pixels,
+                       "max_pixels_floor": s.max_pixels_floor}
                       | ({"max_tokens": max_tokens, "model": str(model)} if counter else {}),
         }
         write_manifest(tmp, manifest)
