@@ -62,6 +62,10 @@ slurm-demo: $(TINY)/config.json demo-shards
 test: | $(STAMP)
 	$(PY) -m pytest -q
 
+# The quick loop while editing: everything but the multi-process and end-to-end runs (marked slow).
+test-fast: | $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
 lint: | $(STAMP)
 	$(PY) -m compileall -q vlora tests train.py
 

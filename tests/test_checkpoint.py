@@ -6,14 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
-from test_train import clean_env, read_jsonl, run_overrides
+from helpers import REPO, Planted, clean_env, read_jsonl, run_overrides, train_in_process, wait_until
 from vlora import checkpoint
 from vlora.checkpoint import latest_checkpoint, resolve_resume, save_checkpoint, step_dir
 from vlora.distributed import World
@@ -50,14 +48,17 @@ class OptimizerOnly:
         torch.save(self.optimizer.state_dict(), folder / "optimizer.rank00000.pt")
         return {"engine": self.name}
 
-    def adapter_state(self, model):
-        return None
+    def export_adapter(self, model, out):
+        import vlora.model
+
+        vlora.model.save_adapter(model, out)
 
 
 def _save(run_dir: Path, step: int, keep_last: int = 2, **kwargs) -> Path:
-    return save_checkpoint(run_dir, step, world=WORLD, peft_model=None, engine=OptimizerOnly(),
-                           train_state={"skipped_samples": 0}, rank_state={"data": {"step": step}},
-                           keep_last=keep_last, **kwargs)
+    from vlora.train import TrainState
+
+    return save_checkpoint(run_dir, TrainState(step=step, data={"step": step}), world=WORLD, peft_model=None,
+                           engine=OptimizerOnly(), keep_last=keep_last, **kwargs)
 
 
 def _pointer(run_dir: Path) -> str:
@@ -281,17 +282,6 @@ def test_train_py_with_a_bad_resume_path_is_one_line(tiny_model_dir, demo_shards
 # ---- the kill test --------------------------------------------------------------------------------------
 
 
-def wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
-    """Poll until predicate() holds; fail with the run's log if it ends first or the time runs out."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (status {proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_sigkill_during_a_save_resumes_from_the_checkpoint_before(tiny_model_dir, demo_shards, tmp_path):
     """SIGKILL lands while step 4 is being saved: `latest` still names step 2, complete; run.resume=auto
@@ -310,7 +300,7 @@ def test_sigkill_during_a_save_resumes_from_the_checkpoint_before(tiny_model_dir
             start_new_session=True)
         try:
             tmp4 = run / ".tmp-step_00000004"
-            wait_for(lambda: (tmp4 / "rank00000.json").is_file(), proc, log, 240, "the step-4 save began")
+            wait_until(lambda: (tmp4 / "rank00000.json").is_file(), 240, "the step-4 save began", proc=proc, log=log)
             os.killpg(proc.pid, signal.SIGKILL)  # the run and its data-loader worker, mid-save
             assert proc.wait(timeout=30) == -signal.SIGKILL
         finally:
@@ -346,16 +336,6 @@ def test_sigkill_during_a_save_resumes_from_the_checkpoint_before(tiny_model_dir
 # ---- no pickle on resume ----------------------------------------------------------------------------------
 
 
-class Planted:
-    """A pickle that creates a file when it is loaded: the code a hostile checkpoint would run."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 RESUME_FILES = ["train_state.json", "rank00000.json", "rng.rank00000.safetensors", "optimizer.rank00000.pt",
                 "adapter/adapter_model.safetensors"]
 
@@ -365,11 +345,11 @@ def test_every_file_a_resume_reads_refuses_a_planted_pickle(tiny_model_dir, demo
     code never runs (its marker file is not created). The untouched checkpoint loads."""
     import shutil
 
-    from test_train import train_in_process
     from vlora.config import load_config, validate
     from vlora.engine import Engine
     from vlora.model import SupervisedLoss
     from vlora.optim import build_optimizer, resolve_precision
+    from vlora.train import TrainState
 
     overrides = {"optim.max_steps": 2, "optim.global_batch": 2, "optim.micro_batch": 2, "data.val": "",
                  "run.plot": "false"}
@@ -377,9 +357,11 @@ def test_every_file_a_resume_reads_refuses_a_planted_pickle(tiny_model_dir, demo
     good = tmp_path / "t" / "step_00000002"
     cfg = load_config(None, run_overrides(tiny_model_dir, demo_shards, tmp_path / "unused", **overrides))
     engine = Engine(cfg, validate(cfg), WORLD, resolve_precision(cfg, WORLD.device))
-    model = result["peft_model"]
+    model = result.model
     engine.prepare(SupervisedLoss(model), build_optimizer(model, cfg.optim, WORLD.device))
-    assert checkpoint.load_checkpoint(good, world=WORLD, peft_model=model, engine=engine)[0]["step"] == 2
+    state = TrainState()
+    checkpoint.load_checkpoint(good, state, world=WORLD, peft_model=model, engine=engine)
+    assert state.step == 2 and state.data is not None and state.rng is not None
 
     assert sorted(str(p.relative_to(good)) for p in good.rglob("*") if p.is_file() and p.name != "config.yaml"
                   and p.parent.name != "adapter" or p.name == "adapter_model.safetensors") == sorted(RESUME_FILES)
@@ -389,7 +371,7 @@ def test_every_file_a_resume_reads_refuses_a_planted_pickle(tiny_model_dir, demo
         marker = tmp_path / f"ran-{name.replace('/', '-')}"
         torch.save(Planted(marker), bad / name)
         with pytest.raises(VloraError) as e:
-            checkpoint.load_checkpoint(bad, world=WORLD, peft_model=model, engine=engine)
+            checkpoint.load_checkpoint(bad, TrainState(), world=WORLD, peft_model=model, engine=engine)
         assert str(bad / name) in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
         assert not marker.exists(), name
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train import run_overrides
+from helpers import run_overrides
 from vlora.checkpoint import resolve_resume
 from vlora.failpoints import SAVE_POINTS
 

@@ -1,9 +1,19 @@
-"""Config: file + overrides, types, unknown keys, batch arithmetic, paths; each error is one line naming the culprit."""
+"""Config: file + overrides, types, unknown keys, batch arithmetic, paths; each error is one line naming the culprit.
+
+validate() checks values alone; preflight() (vlora/preflight.py) runs it and then the checks that read files, so the
+tests of paths, shards and run folders go through preflight.
+"""
+
+import ast
+from pathlib import Path
 
 import pytest
 
 from vlora.config import group_values, load_config, validate
 from vlora.errors import VloraError
+from vlora.preflight import preflight
+
+VLORA = Path(__file__).resolve().parents[1] / "vlora"
 
 
 @pytest.fixture
@@ -27,9 +37,9 @@ def test_file_then_overrides(tmp_path, paths):
 
 def test_too_few_shards_for_ranks_and_workers(paths):
     cfg = load_config(None, paths + ["optim.global_batch=64"])
-    validate(cfg, world_size=4)  # 8 shards, 4 ranks x 2 workers
+    preflight(cfg, world_size=4)  # 8 shards, 4 ranks x 2 workers
     with pytest.raises(VloraError, match=r"has 8 shard\(s\) but 8 rank\(s\) x 2 worker\(s\) = 16 readers"):
-        validate(cfg, world_size=8)
+        preflight(cfg, world_size=8)
 
 
 def test_used_run_folder_needs_overwrite(tmp_path, paths):
@@ -37,14 +47,14 @@ def test_used_run_folder_needs_overwrite(tmp_path, paths):
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(VloraError, match=r"run folder .*runs/demo already holds a run; .*run.overwrite=true"):
-        validate(load_config(None, paths))
-    validate(load_config(None, paths + ["run.overwrite=true"]))
+        preflight(load_config(None, paths))
+    preflight(load_config(None, paths + ["run.overwrite=true"]))
 
 
 def test_damaged_shard_folder_is_named(tmp_path, paths):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VloraError, match=r"empty"):
-        validate(load_config(None, paths + [f"data.val={tmp_path / 'empty'}"]))
+        preflight(load_config(None, paths + [f"data.val={tmp_path / 'empty'}"]))
 
 
 @pytest.mark.parametrize(
@@ -76,11 +86,11 @@ def test_batch_not_divisible(paths):
 
 def test_missing_paths_named(tmp_path, paths):
     with pytest.raises(VloraError, match=r"model.path '.*/nowhere' does not exist"):
-        validate(load_config(None, paths + [f"model.path={tmp_path / 'nowhere'}"]))
+        preflight(load_config(None, paths + [f"model.path={tmp_path / 'nowhere'}"]))
     with pytest.raises(VloraError, match=r"data.train shard folder '.*/gone' does not exist"):
-        validate(load_config(None, paths + [f"data.train={tmp_path / 'gone'}"]))
+        preflight(load_config(None, paths + [f"data.train={tmp_path / 'gone'}"]))
     # An owner/name that is not on disk is a hub id: allowed here, resolved (or refused) at load time.
-    validate(load_config(None, paths + ["model.path=Qwen/Qwen2.5-VL-3B-Instruct"]))
+    preflight(load_config(None, paths + ["model.path=Qwen/Qwen2.5-VL-3B-Instruct"]))
 
 
 def test_unknown_key_in_file(tmp_path, paths):
@@ -114,7 +124,7 @@ def test_unknown_key_in_file(tmp_path, paths):
 )
 def test_lora_freeze_and_lr_settings_are_checked_before_loading(paths, overrides, message):
     with pytest.raises(VloraError) as e:
-        validate(load_config(None, paths + overrides))
+        preflight(load_config(None, paths + overrides))
     assert message in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -137,7 +147,7 @@ def test_train_as_a_yaml_list_is_joined(tmp_path, paths, demo_shards):
     f.write_text(f"data:\n  train:\n    - {demo_shards / 'train'}:2\n    - {demo_shards / 'val'}\n")
     cfg = load_config(f, [p for p in paths if not p.startswith("data.train=")])
     assert cfg.data.train == f"{demo_shards / 'train'}:2,{demo_shards / 'val'}"
-    validate(cfg)
+    preflight(cfg)
     f.write_text("run:\n  name: [a, b]\n")  # a list for any other text key is a mistake, not "['a', 'b']"
     with pytest.raises(VloraError, match=r"config key 'run.name' expects str, got \['a', 'b'\]"):
         load_config(f, paths)
@@ -172,9 +182,9 @@ def test_max_pixels_below_what_the_shards_were_checked_for(tmp_path, paths, demo
 
     train = demo_shards / "train"
     # The demo images are square (112x112): they resize under any max_pixels from 28 * 28 + 1 on.
-    validate(load_config(None, paths + ["data.min_pixels=785", "data.max_pixels=785"]))
+    preflight(load_config(None, paths + ["data.min_pixels=785", "data.max_pixels=785"]))
     with pytest.raises(VloraError) as e:
-        validate(load_config(None, paths + ["data.min_pixels=784", "data.max_pixels=784"]))
+        preflight(load_config(None, paths + ["data.min_pixels=784", "data.max_pixels=784"]))
     assert str(e.value) == (f"data.max_pixels=784 is below 785, the least that every image in {train} resizes under without a "
                             "zero side (its narrowest image); raise data.max_pixels to 785 or repack with "
                             "`vlora pack --max-pixels 784`, which rejects those images")
@@ -184,6 +194,104 @@ def test_max_pixels_below_what_the_shards_were_checked_for(tmp_path, paths, demo
     manifest = json.loads((old / "manifest.json").read_text())
     del manifest["checks"]["max_pixels_floor"]
     (old / "manifest.json").write_text(json.dumps(manifest))
-    validate(load_config(None, paths + [f"data.val={old}", "data.max_pixels=200704"]))
+    preflight(load_config(None, paths + [f"data.val={old}", "data.max_pixels=200704"]))
     with pytest.raises(VloraError, match=rf"data.max_pixels=12544 is below max_pixels=200704, which {old} was packed"):
-        validate(load_config(None, paths + [f"data.val={old}", "data.max_pixels=12544"]))
+        preflight(load_config(None, paths + [f"data.val={old}", "data.max_pixels=12544"]))
+
+
+def test_validate_reads_no_file(tmp_path):
+    """validate() is the value check alone: paths that point nowhere are preflight's to refuse, not validate's."""
+    nowhere = tmp_path / "nowhere"
+    cfg = load_config(None, [f"model.path={nowhere}", f"data.train={nowhere}", f"data.val={nowhere}",
+                             f"lora.init_from={nowhere}", "run.engine=deepspeed", f"run.deepspeed_config={nowhere}.json"])
+    assert validate(cfg, world_size=8).grad_accum == 1
+    with pytest.raises(VloraError, match=r"lora.init_from '.*nowhere' is not an adapter folder"):
+        preflight(cfg, world_size=8)
+
+
+def test_run_keys_stay_flat_while_grouped_by_concern(tmp_path):
+    """run.* is split into four dataclasses in the code; the user's keys, cfg.run.<key> and the saved config stay flat."""
+    import dataclasses
+
+    from vlora.config import RUN_CONCERNS, RunArgs, save_config
+
+    names = [f.name for f in dataclasses.fields(RunArgs)]
+    by_concern = [f.name for concern in RUN_CONCERNS for f in dataclasses.fields(concern)]
+    assert sorted(names) == sorted(by_concern) and len(set(by_concern)) == len(by_concern)  # each in one concern
+    cfg = load_config(None, ["run.resume=auto", "run.save_every=5", "run.engine=deepspeed", "run.log_every=3",
+                             "run.name=x", "run.dist_timeout_s=60", "run.keep_last=4", "run.wandb=true"])
+    assert (cfg.run.resume, cfg.run.save_every, cfg.run.engine, cfg.run.log_every, cfg.run.name) == (
+        "auto", 5, "deepspeed", 3, "x")
+    assert all(isinstance(cfg.run, concern) for concern in RUN_CONCERNS)
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and "run:\n  name: x\n" in (tmp_path / "config.yaml").read_text()
+    with pytest.raises(VloraError, match=r"unknown config key 'run.checkpoint.resume'"):
+        load_config(None, ["run.checkpoint.resume=auto"])
+
+
+def test_default_pixels_agree_with_the_data_package():
+    """The data package may not import the config (nor the config it): the two copies of the defaults must agree."""
+    from vlora.config import DataArgs
+    from vlora.data.pack import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+    assert (DataArgs.min_pixels, DataArgs.max_pixels) == (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+
+
+def vlora_imports(path: Path) -> set[str]:
+    """The vlora modules a file imports, at any level (module, function, class), relative imports resolved."""
+    import importlib.util
+
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    modules = {module_name(p) for p in VLORA.rglob("*.py")}
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.split(".")[0] == "vlora")
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            if base.split(".")[0] == "vlora":
+                out.add(base)
+                out.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules)  # from vlora import x
+    return out
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(VLORA.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_config_is_a_leaf():
+    """vlora/config.py imports nothing of vlora but vlora/errors.py, at any level."""
+    assert vlora_imports(VLORA / "config.py") <= {"vlora.errors"}, vlora_imports(VLORA / "config.py")
+
+
+def test_no_import_cycle_among_vlora_modules():
+    """The graph of vlora's imports (every level, function-level included) has no cycle."""
+    graph = {module_name(p): vlora_imports(p) - {module_name(p)} for p in VLORA.rglob("*.py")}
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == "open":
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_data_takes_plain_arguments():
+    """vlora/data/ imports neither the training config nor the model, the engine or the loop (DESIGN: data flows one
+    way); vlora/cli.py does not reach the config for the packer's defaults either."""
+    for path in sorted((VLORA / "data").rglob("*.py")):
+        imported = vlora_imports(path)
+        assert not imported & {"vlora.config", "vlora.model", "vlora.engine", "vlora.train", "vlora.checkpoint"}, (
+            path.name, imported)
+    assert "vlora.config" not in vlora_imports(VLORA / "cli.py")

@@ -2,27 +2,35 @@
 
 One set of launches serves several tests (module-scoped, each run made on first use):
     ddp            the reference: 4 steps on a mixed data set (rank 0 reads only text, rank 1 only images)
-    zero2, zero3   the same 4 steps under DeepSpeed, a checkpoint at step 2 (ZeRO-3 also dumps its logits)
-    zero2_resumed, zero3_resumed   resumed from that step-2 checkpoint (ZeRO-3 with run.zero3_init=false)
-and one more launch for a rank that stops answering. LoRA dropout is on, so resume also needs the RNG states.
+    zero2, zero3, zero3_offload   the same 4 steps under DeepSpeed, a checkpoint at step 2
+    zero2_resumed, zero3_resumed, zero3_offload_resumed   resumed from that step-2 checkpoint (ZeRO-3 with
+                   run.zero3_init=false)
+    zero2_nan      ZeRO-2 whose rank 1 gets a NaN loss at step 2 (failpoint)
+and two more launches: a rank that stops answering, and a resume from a checkpoint with a planted pickle. LoRA
+dropout is on, so resume also needs the RNG states. The held-out set (9 samples) is split unevenly: 3 batches on
+rank 0, 2 on rank 1, which ZeRO-3's lockstep evaluation has to even out.
 
 Per-step losses of ZeRO-2/3 equal DDP's to a relative 1e-5 (the engines sum gradients over ranks in different
 orders; measured differences are ~1e-7). Resume is bit-exact.
 """
 
 import json
+import math
+import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, tiny_lora_model
-from test_loop import adapter_weights, step_records
-from test_train import clean_env, plain_peft_logits, read_jsonl, run_overrides
+from conftest import tiny_lora_model
+from helpers import (
+    REPO, Planted, adapter_weights, clean_env, plain_peft_logits, read_jsonl, run_overrides, step_records, torchrun,
+    torchrun_cmd, wait_until,
+)
 from vlora.config import Plan, load_config
+from vlora.engine import DS_TAG, DeepSpeedEngine
 from vlora.errors import VloraError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -31,23 +39,27 @@ STEPS = 4
 DS_ENV = {"TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
 RUN = {
     "optim.max_steps": STEPS, "optim.global_batch": 8, "optim.micro_batch": 2, "lora.dropout": 0.1,
-    "run.save_every": 2, "run.keep_last": 5, "run.trace_keys": "true", "run.plot": "false", "data.val_samples": 8,
+    "run.save_every": 2, "run.keep_last": 5, "run.trace_keys": "true", "run.plot": "false", "data.val_samples": 9,
     "run.dist_timeout_s": 60,  # a hang (e.g. mixed batches under ZeRO-3) becomes an error within a minute
 }
 ENGINES = {
     "ddp": {"run.engine": "ddp"},
     "zero2": {"run.engine": "deepspeed", "run.deepspeed_config": "ds_configs/zero2.json"},
     "zero3": {"run.engine": "deepspeed", "run.deepspeed_config": "ds_configs/zero3.json"},
+    "zero3_offload": {"run.engine": "deepspeed", "run.deepspeed_config": "ds_configs/zero3_offload.json"},
+}
+# ZeRO-2's and ZeRO-3's files in a checkpoint's deepspeed/ folder (2 ranks).
+DS_FILES = {
+    "zero2": ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+              "zero_pp_rank_1_mp_rank_00_optim_states.pt"],
+    "zero3": [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")],
 }
 
 
-def launch(overrides: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(**DS_ENV, **(env or {})), capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+def launch(overrides: list[str], env: dict | None = None, timeout: int = 300,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """torchrun with 2 ranks and DeepSpeed's compile cache in the project."""
+    return torchrun(overrides, env={**DS_ENV, **(env or {})}, timeout=timeout, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +88,15 @@ def runs(tmp_path_factory, tiny_model_dir, demo_shards, mixed_shards):
     done = {}
     recipes = {
         "ddp": ({**ENGINES["ddp"]}, {}),
-        "zero2": ({**ENGINES["zero2"]}, {}),
-        "zero3": ({**ENGINES["zero3"]}, {"VLORA_DEBUG_LOGITS": str(out / "zero3_logits.pt")}),
+        "zero2": ({**ENGINES["zero2"], "run.param_digest": "true"}, {}),
+        "zero3": ({**ENGINES["zero3"]}, {}),
+        "zero3_offload": ({**ENGINES["zero3_offload"]}, {}),
         "zero2_resumed": ({**ENGINES["zero2"], "run.resume": "{zero2}/step_00000002"}, {}),
         "zero3_resumed": ({**ENGINES["zero3"], "run.resume": "{zero3}/step_00000002", "run.zero3_init": "false"}, {}),
+        "zero3_offload_resumed": ({**ENGINES["zero3_offload"], "run.resume": "{zero3_offload}/step_00000002"}, {}),
+        # Rank 1's loss is NaN at step 2 (rank 0's is finite): the whole step must be skipped on both ranks.
+        "zero2_nan": ({**ENGINES["zero2"], "run.param_digest": "true", "run.save_every": 0, "data.val": ""},
+                      {"VLORA_FAILPOINTS": "nan@loss:step2:rank1"}),
     }
 
     def get(name: str):
@@ -90,8 +107,8 @@ def runs(tmp_path_factory, tiny_model_dir, demo_shards, mixed_shards):
                 get(source)
                 extra = {**extra, "run.resume": extra["run.resume"].format(**{source: out / source})}
             start = time.perf_counter()
-            proc = launch(run_overrides(tiny_model_dir, demo_shards, out, **RUN, **extra, **{
-                "run.name": name, "data.train": mixed_shards}), env=env)
+            proc = launch(run_overrides(tiny_model_dir, demo_shards, out, **{
+                **RUN, **extra, "run.name": name, "data.train": mixed_shards}), env=env)
             done[name] = (out / name, proc, time.perf_counter() - start)
         return done[name]
 
@@ -118,7 +135,7 @@ def test_zero_trains_the_4bit_model_with_ddp_losses(runs, engine):
     losses = [step_records(run)[s]["loss"] for s in range(1, STEPS + 1)]
     assert losses[-1] < losses[0] - 0.5  # it really trains
     # vlora's config reached DeepSpeed: global batch 8 = 2 per rank x 2 ranks x 2 accumulation steps
-    ds_config = torch.load(run / "step_00000004" / "deepspeed" / model_states(engine), weights_only=False)["ds_config"]
+    ds_config = torch.load(run / "step_00000004" / "deepspeed" / model_states(engine), weights_only=True)["ds_config"]
     assert (ds_config["train_batch_size"], ds_config["train_micro_batch_size_per_gpu"],
             ds_config["gradient_accumulation_steps"], ds_config["gradient_clipping"]) == (8, 2, 2, 1.0)
     assert ds_config["zero_optimization"]["stage"] == int(engine[-1])
@@ -141,11 +158,11 @@ def test_checkpoint_holds_deepspeed_shards_of_what_trains_and_resume_is_exact(ru
     per_rank = {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
     expected = per_rank | ({model_states(engine)} if engine == "zero2" else {model_states(engine, r) for r in (0, 1)})
     assert files == expected
-    assert {"adapter", "train_state.json", "rank00000.json", "rank00001.json", "rng.rank00000.pt",
-            "rng.rank00001.pt"} <= {p.name for p in folder.iterdir()}
+    assert {"adapter", "train_state.json", "rank00000.json", "rank00001.json", "rng.rank00000.safetensors",
+            "rng.rank00001.safetensors"} <= {p.name for p in folder.iterdir()}
     assert json.loads((folder / "train_state.json").read_text())["engine"] == f"deepspeed-{engine}"
     # Only what trains: the LoRA weights, no frozen or quantized base weight, no 4-bit quant state.
-    module = torch.load(folder / "deepspeed" / model_states(engine), weights_only=False)["module"]
+    module = torch.load(folder / "deepspeed" / model_states(engine), weights_only=True)["module"]
     assert module and all(".lora_A." in k or ".lora_B." in k for k in module), [k for k in module if "lora" not in k]
     trained = {k.replace("peft_model.", "", 1).replace(".default", "") for k in module}
     adapter_keys = set(adapter_weights(run))
@@ -160,17 +177,72 @@ def test_checkpoint_holds_deepspeed_shards_of_what_trains_and_resume_is_exact(ru
         assert torch.equal(w, adapter_weights(resumed)[k]), k
 
 
+@pytest.fixture(scope="module")
+def heldout(tiny_model_dir, demo_shards) -> list[list[dict]]:
+    """Each rank's held-out batches, built as the runs build them (RUN's data.val_samples and micro-batch)."""
+    from vlora.data.collate import Collator
+    from vlora.data.stream import heldout_batches
+    from vlora.model import load_processor
+
+    data = load_config(None, []).data
+    collator = Collator(load_processor(str(tiny_model_dir)), min_pixels=data.min_pixels, max_pixels=data.max_pixels,
+                        max_length=data.max_length, train_on=data.train_on, pixel_dtype=torch.float32,
+                        pack_length=data.pack_length)
+    return [heldout_batches(str(demo_shards / "val"), rank=r, world_size=2, max_samples=RUN["data.val_samples"],
+                            micro_batch=RUN["optim.micro_batch"], encode=collator.encode, collate=collator.collate)
+            for r in (0, 1)]
+
+
+def run_model(run: Path):
+    """The run's own model (its config.yaml: base, LoRA layout and scaling), built afresh on the CPU, eval mode."""
+    from vlora.model import build_model
+
+    cfg = load_config(run / "config.yaml", [])
+    torch.manual_seed(cfg.run.seed)  # the LoRA init the run started from (B = 0: the base's outputs)
+    return build_model(cfg, torch.device("cpu"), torch.float32).eval()
+
+
+def ds_to_adapter_name(name: str) -> str:
+    """A trained tensor's name in DeepSpeed's files (the loss module's) -> in the PEFT adapter file."""
+    return name.removeprefix("peft_model.").replace(".default", "")
+
+
 @pytest.mark.slow
-def test_zero3_adapter_loads_with_plain_peft_and_gives_the_trained_logits(runs, tiny_model_dir):
-    """The adapter exported from ZeRO-3 shards (gathered to rank 0) in PEFT's layout, loaded by plain peft onto
-    the 4-bit base, reproduces the logits the trained ZeRO-3 model computed in the run."""
+def test_zero3_adapter_is_deepspeeds_trained_weights_and_plain_peft_gives_the_trained_logits(
+        runs, tiny_model_dir, heldout):
+    """The adapter exported from ZeRO-3 shards (gathered to rank 0) holds exactly the trained weights DeepSpeed
+    checkpointed at the last step (its fp32 partitions consolidated; an fp32 run, so the masters are the weights),
+    by name, every one. Loaded by plain peft onto the 4-bit base it gives the logits of the run's own model with
+    those weights (so adapter_config.json has the run's layout and scaling), which differ from the base's."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from vlora.model import full_logits
+
     run, _, _ = runs("zero3")
-    dump = torch.load(run.parent / "zero3_logits.pt", weights_only=False)
-    batch, trained = dump["batch"], dump["logits"]
+    final = run / f"step_{STEPS:08d}"
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(final), tag=DS_TAG)
+    adapter = adapter_weights(run)
+    assert masters and all(".lora_A." in k or ".lora_B." in k for k in masters), list(masters)[:3]
+    assert sorted(ds_to_adapter_name(k) for k in masters) == sorted(adapter)
+    for name, master in masters.items():
+        exported = adapter[ds_to_adapter_name(name)]
+        assert master.dtype == exported.dtype == torch.float32, name
+        assert torch.equal(master, exported), name
+    assert any(".lora_B." in k and master.abs().max() > 0 for k, master in masters.items())  # B trained off zero
+    # The run's own model with DeepSpeed's weights vs. the exported adapter in plain peft, on rank 0's first
+    # held-out batch.
+    model = run_model(run)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(trained) == sorted(k.removeprefix("peft_model.") for k in masters)
+    with torch.no_grad():
+        for name, master in masters.items():
+            trained[name.removeprefix("peft_model.")].copy_(master)
+    batch = heldout[0][0]
+    ours = full_logits(model, batch)
     untrained, theirs = plain_peft_logits(tiny_model_dir, run / "adapter", batch)
     mask = batch["attention_mask"].bool()
-    assert torch.allclose(trained[mask], theirs[mask], atol=1e-5, rtol=0), (trained[mask] - theirs[mask]).abs().max()
-    assert (trained[mask] - untrained[mask]).abs().max() > 1e-2  # the adapter really changes the model
+    assert torch.allclose(ours[mask], theirs[mask], atol=1e-5, rtol=0), (ours[mask] - theirs[mask]).abs().max()
+    assert (theirs[mask] - untrained[mask]).abs().max() > 1e-2  # the adapter really changes the model
     assert (run / "adapter" / "processor_config.json").is_file()
 
 
@@ -188,22 +260,18 @@ def test_mixed_batches_under_zero3_one_rank_text_only(runs):
 @pytest.mark.slow
 def test_a_stalled_rank_ends_the_run_within_the_timeout_naming_it(tiny_model_dir, demo_shards, mixed_shards,
                                                                   tmp_path):
-    """Rank 1 stops answering at step 3 (VLORA_DEBUG_STALL); rank 0's next collective times out after
+    """Rank 1 stops answering at step 3 (failpoint stall@step:step3:rank1); rank 0's next collective times out after
     run.dist_timeout_s and the run ends with one line naming rank 1 and the step. (The stalled rank dies when
     torchrun passes on the failure with SIGTERM; a truly stuck one torchrun SIGKILLs 30 s later.) ZeRO-3 with the
     LLM-only targets: the vision tower runs on text-only batches only to keep the ranks in lockstep."""
     timeout = 10
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           *run_overrides(tiny_model_dir, demo_shards, tmp_path, **{
-               **RUN, **ENGINES["zero3"], "data.train": mixed_shards, "run.dist_timeout_s": timeout,
-               "lora.targets": "llm_attn,llm_mlp", "data.val": ""})]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(**DS_ENV, VLORA_DEBUG_STALL="1:3"),
+    cmd = torchrun_cmd(run_overrides(tiny_model_dir, demo_shards, tmp_path, **{
+        **RUN, **ENGINES["zero3"], "data.train": mixed_shards, "run.dist_timeout_s": timeout,
+        "lora.targets": "llm_attn,llm_mlp", "data.val": ""}))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(**DS_ENV, VLORA_FAILPOINTS="stall@step:step3:rank1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "t"
-    deadline = time.monotonic() + 240
-    while not ((run / "metrics.jsonl").is_file() and 2 in step_records(run)):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.1)
+    wait_until(lambda: (run / "metrics.jsonl").is_file() and 2 in step_records(run), 240, "step 2", proc=proc)
     stalled_at = time.monotonic()
     _, err = proc.communicate(timeout=timeout + 90)
     took = time.monotonic() - stalled_at  # includes saving step 2's checkpoint and stopping both ranks
@@ -213,6 +281,180 @@ def test_a_stalled_rank_ends_the_run_within_the_timeout_naming_it(tiny_model_dir
                       "stopped answering: rank 1 (last entered step 2)"], err[-3000:]
     assert timeout <= took < timeout + 20, took
     assert sorted(step_records(run)) == [1, 2]
+
+
+@pytest.mark.slow
+def test_zero2_skips_a_step_whose_loss_is_nan_on_one_rank(runs):
+    """Rank 1's loss is NaN at step 2, rank 0's finite: both ranks skip the update (the weights after step 2 are
+    those after step 1, on both), count it once, and steps 3 and 4 train on with finite losses."""
+    run, proc, _ = runs("zero2_nan")
+    clean, _, _ = runs("zero2")
+    records = step_records(run)
+    assert sorted(records) == list(range(1, STEPS + 1))
+    assert [records[s]["skipped_steps"] for s in range(1, STEPS + 1)] == [0, 1, 1, 1]
+    assert "step 2: non-finite loss; update skipped (1 in a row)" in proc.stderr
+    assert math.isnan(records[2]["loss"]) and not math.isfinite(records[2]["grad_norm"])
+    assert all(math.isfinite(records[s]["loss"]) and math.isfinite(records[s]["grad_norm"]) for s in (1, 3, 4))
+    assert records[1]["loss"] == step_records(clean)[1]["loss"]  # the same run up to the NaN
+    digests = {r: [d["digest"] for d in read_jsonl(run / "digests" / f"rank{r}.jsonl")] for r in (0, 1)}
+    assert digests[0] == digests[1] and len(digests[0]) == STEPS  # the ranks agreed on every step
+    d1, d2, d3, d4 = digests[0]
+    assert d2 == d1  # no update at step 2
+    assert len({d1, d3, d4}) == 3  # steps 3 and 4 change the weights again
+    clean_digests = [d["digest"] for d in read_jsonl(clean / "digests" / "rank0.jsonl")]
+    assert d1 == clean_digests[0] and clean_digests[1] != clean_digests[0]  # step 2 would have changed them
+
+
+@pytest.mark.slow
+def test_zero3_offload_trains_with_ddp_losses_and_resumes_exactly(runs):
+    """ds_configs/zero3_offload.json (optimizer and parameters offloaded to the CPU): DDP's losses to a relative
+    1e-5, its checkpoint holds ZeRO-3's files, and a resume from step 2 repeats steps 3-4 and the adapter bit for
+    bit."""
+    run, proc, _ = runs("zero3_offload")
+    resumed, resumed_proc, _ = runs("zero3_offload_resumed")
+    ddp, _, _ = runs("ddp")
+    assert "engine deepspeed-zero3" in proc.stderr
+    assert sorted(step_records(run)) == list(range(1, STEPS + 1))
+    assert_losses_match(run, ddp, rtol=1e-5)
+    folder = run / "step_00000002"
+    assert sorted(p.name for p in (folder / DS_TAG).iterdir()) == DS_FILES["zero3"]
+    zero = torch.load(folder / DS_TAG / model_states("zero3"), weights_only=True)["ds_config"]["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert f"resumed from {folder} at step 2" in resumed_proc.stderr
+    assert sorted(step_records(resumed)) == [3, 4]
+    for s in (3, 4):
+        assert step_records(resumed)[s]["loss"] == step_records(run)[s]["loss"], s
+        assert step_records(resumed)[s]["grad_norm"] == step_records(run)[s]["grad_norm"], s
+    theirs = adapter_weights(resumed)
+    assert sorted(theirs) == sorted(adapter_weights(run))
+    for k, w in adapter_weights(run).items():
+        assert torch.equal(w, theirs[k]), k
+
+
+def val_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r}
+
+
+@pytest.mark.slow
+def test_zero3_lockstep_evaluation_with_uneven_heldout_shares_counts_each_batch_once(runs, heldout):
+    """9 held-out samples: rank 0 gets 5 (3 batches), rank 1 gets 4 (2 batches). Under ZeRO-3 rank 1 runs its last
+    batch a second time to keep in step, and that repeat is not counted: the held-out loss before and after
+    training equals DDP's (which runs each rank's own batches only) to a relative 1e-5, and before training it is
+    the per-token mean over the 5 batches computed here, each once."""
+    from vlora.model import SupervisedLoss
+
+    assert [len(b) for b in heldout] == [3, 2]
+    assert [[len(b["keys"]) for b in batches] for batches in heldout] == [[2, 2, 1], [2, 2]]
+    zero3, ddp = runs("zero3")[0], runs("ddp")[0]
+    ours, reference = val_losses(zero3), val_losses(ddp)
+    assert sorted(ours) == sorted(reference) == [0, STEPS]
+    for s in ours:
+        assert ours[s] == pytest.approx(reference[s], rel=1e-5), (s, ours[s], reference[s])
+    resumed = val_losses(runs("zero3_resumed")[0])
+    assert resumed == {STEPS: ours[STEPS]}  # from the checkpoint: the same final weights, the same evaluation
+
+    loss_fn = SupervisedLoss(run_model(zero3)).eval()
+    with torch.no_grad():
+        sums = [(loss_fn(b).double().item(), b["loss_index"].numel()) for batches in heldout for b in batches]
+    once = sum(l for l, _ in sums) / sum(n for _, n in sums)
+    repeated = (sum(l for l, _ in sums) + sums[-1][0]) / (sum(n for _, n in sums) + sums[-1][1])
+    assert ours[0] == pytest.approx(once, rel=1e-5), (ours[0], once)
+    assert abs(repeated - once) > 1e-3 * once, (repeated, once)  # counting the repeat would show
+
+
+def test_deepspeed_checkpoint_files_pass_with_the_short_list_and_a_planted_pickle_is_refused(runs, tmp_path):
+    """Every file of ZeRO-2's and ZeRO-3's checkpoints loads with weights_only=True and DeepSpeedEngine.SAFE_GLOBALS
+    (each of ZeRO-2's optimizer-state classes is needed); a pickle planted in any one of ZeRO-2's files is refused
+    in one line naming it, and its code never runs (the marker file it would create does not appear)."""
+
+    for engine in ("zero2", "zero3"):
+        folder = runs(engine)[0] / "step_00000002"
+        assert [p.name for p in DeepSpeedEngine.check_checkpoint_files(folder)] == DS_FILES[engine]
+    good = runs("zero2")[0] / "step_00000002"
+    for name in ("LossScaler", "ZeroStageEnum", "fragment_address"):
+        shortened = tuple(g for g in DeepSpeedEngine.SAFE_GLOBALS if not g.endswith("." + name))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(DeepSpeedEngine, "SAFE_GLOBALS", shortened)
+            with pytest.raises(VloraError, match="not a plain tensor file"):
+                DeepSpeedEngine.check_checkpoint_files(good)
+    for name in DS_FILES["zero2"]:
+        bad = tmp_path / f"bad-{name}"
+        shutil.copytree(good, bad)
+        marker = tmp_path / f"ran-{name}"
+        torch.save(Planted(marker), bad / DS_TAG / name)
+        with pytest.raises(VloraError) as e:
+            DeepSpeedEngine.check_checkpoint_files(bad)
+        message = str(e.value)
+        assert message.startswith(f"checkpoint file {bad / DS_TAG / name} is not a plain tensor file; refused to "
+                                  "unpickle it (") and "\n" not in message, message
+        assert not marker.exists(), name
+    empty = tmp_path / "empty"
+    (empty / DS_TAG).mkdir(parents=True)
+    with pytest.raises(VloraError, match="holds no DeepSpeed files"):
+        DeepSpeedEngine.check_checkpoint_files(empty)
+
+
+def test_fp16s_dynamic_loss_scaler_passes_the_check(tmp_path):
+    """fp16 (not on this CPU) saves DeepSpeed's DynamicLossScaler as the optimizer's loss scaler: numbers, flags
+    and a dtype, which the check lets through."""
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+
+    scaler = CreateLossScaler(dtype=torch.half, static_loss_scale=0, dynamic_scaling=True, dynamic_loss_args={
+        "init_scale": 2.0**16, "scale_window": 1000, "min_scale": 1, "delayed_shift": 2,
+        "consecutive_hysteresis": False})
+    assert type(scaler).__name__ == "DynamicLossScaler"
+    (tmp_path / DS_TAG).mkdir()
+    torch.save({"optimizer_state_dict": {"loss_scaler": scaler, "zero_stage": 2}}, tmp_path / DS_TAG / "optim.pt")
+    assert DeepSpeedEngine.check_checkpoint_files(tmp_path) == [tmp_path / DS_TAG / "optim.pt"]
+    loaded = torch.load(tmp_path / DS_TAG / "optim.pt", weights_only=False)["optimizer_state_dict"]["loss_scaler"]
+    assert loaded.__dict__ == scaler.__dict__
+
+
+@pytest.mark.slow
+def test_a_resume_refuses_a_planted_pickle_in_a_deepspeed_file_on_every_rank(runs, tiny_model_dir, demo_shards,
+                                                                             mixed_shards, tmp_path):
+    """Through torchrun: a ZeRO-2 checkpoint whose rank-1 optimizer shard is a planted pickle. Each rank reads every
+    DeepSpeed file before DeepSpeed does (under ZeRO-1/2 DeepSpeed loads every rank's shard), so both refuse it in
+    one line naming it and exit with 2 (main's code for an error); the planted code never runs."""
+
+    bad = tmp_path / "planted"
+    shutil.copytree(runs("zero2")[0] / "step_00000002", bad)
+    planted = bad / DS_TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    marker = tmp_path / "ran"
+    torch.save(Planted(marker), planted)
+    proc = launch(run_overrides(tiny_model_dir, demo_shards, tmp_path, **{
+        **RUN, **ENGINES["zero2"], "data.train": mixed_shards, "run.resume": bad, "data.val": ""}), check=False)
+    assert proc.returncode != 0 and not marker.exists()
+    errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("vlora: error:"))
+    assert len(errors) == 2, proc.stderr[-3000:]
+    for rank, line in enumerate(errors):
+        assert line.startswith(f"vlora: error: [rank {rank}] checkpoint file {planted} is not a plain tensor file; "
+                               "refused to unpickle it ("), line
+    assert proc.stderr.count("exitcode  : 2 ") == 2, proc.stderr[-3000:]  # torchrun's report of each rank's exit
+    assert "resumed from" not in proc.stderr and not (tmp_path / "t" / "metrics.jsonl").exists()
+
+
+def test_deepspeed_backward_makes_a_non_finite_loss_skip_the_step():
+    """An infinite loss can have finite gradients, which DeepSpeed (deciding by the gradients) would apply: the
+    engine's backward makes them NaN. A finite loss's gradients are untouched, bit for bit."""
+    engine = DeepSpeedEngine.__new__(DeepSpeedEngine)  # only .ds is used by backward
+
+    class FakeDeepSpeed:
+        def backward(self, loss, scale_wrt_gas):
+            loss.backward()
+
+    engine.ds = FakeDeepSpeed()
+    w = torch.tensor([0.5, -2.0, 3.0], requires_grad=True)
+    engine.backward((w * w).sum() / 3)
+    expected = (2 * w / 3).detach()
+    assert torch.equal(w.grad, expected)
+    for bad in (math.inf, math.nan):
+        w.grad = None
+        ((w * w).sum() / 3 + bad).backward()  # plain autograd: a non-finite loss, finite gradients
+        assert torch.equal(w.grad, expected)
+        w.grad = None
+        engine.backward((w * w).sum() / 3 + bad)
+        assert torch.isnan(w.grad).all(), bad
 
 
 # ---- no launch: the DeepSpeed config, and the idle vision pass ----
@@ -277,15 +519,15 @@ def test_a_conflict_is_one_clear_line(tmp_path, ds, overrides, message):
 
 
 def test_validate_checks_the_deepspeed_json_before_any_model_loads(tiny_model_dir, demo_shards, tmp_path):
-    from vlora.config import validate
+    from vlora.preflight import preflight
 
     (tmp_path / "bad.json").write_text('{"zero_optimization": {"stage": 2},')
     cfg = load_config(None, run_overrides(tiny_model_dir, demo_shards, tmp_path, **{
         "run.engine": "deepspeed", "run.deepspeed_config": tmp_path / "bad.json"}))
     with pytest.raises(VloraError, match="is not valid JSON"):
-        validate(cfg)
+        preflight(cfg)
     cfg.run.deepspeed_config = "ds_configs/zero3.json"
-    assert validate(cfg).grad_accum == 8
+    assert preflight(cfg).grad_accum == 8
 
 
 def test_idle_vision_pass_runs_where_images_would_and_changes_nothing(tiny_model_dir):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from vlora.data.formats import FORMATS, PER_IMAGE_KEYS, PathResolver, RecordError, detect, load_samples, read_annotations
 from vlora.errors import VloraError
 

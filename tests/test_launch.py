@@ -6,24 +6,16 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from test_train import clean_env, read_jsonl, run_overrides
+from helpers import REPO, clean_env, free_port, read_jsonl, run_overrides, torchrun_cmd, wait_until
 
 SBATCH = REPO / "launch" / "slurm.sbatch"
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(*procs: subprocess.Popen) -> None:
@@ -37,16 +29,6 @@ def stop(*procs: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-
-
-def wait_until(predicate, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"ended (status {proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.1)
 
 
 def train_steps(run: Path) -> list[int]:
@@ -198,7 +180,7 @@ def test_sbatch_signal_flow(tmp_path, case):
         batch = subprocess.Popen(["bash", str(SBATCH), f"run.out_dir={tmp_path}", "run.name=stub"], cwd=tmp_path,
                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_until(lambda: srun_log.is_file(), batch, log, 30, "srun started")
+            wait_until(lambda: srun_log.is_file(), 30, "srun started", proc=batch, log=log)
             for name in signals:
                 os.kill(batch.pid, getattr(signal, f"SIG{name}"))
                 time.sleep(0.3)
@@ -241,9 +223,8 @@ def test_two_nodes_on_one_machine(tiny_model_dir, demo_shards, tmp_path):
             logs.append(tmp_path / f"node{node}.log")
             with open(logs[-1], "w") as out:
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                     "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "two-nodes",
-                     "train.py", *overrides],
+                    torchrun_cmd(overrides, 1, "--nnodes", "2", "--rdzv_backend", "c10d",
+                                 "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "two-nodes"),
                     cwd=REPO, env=clean_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         for p in procs:
             p.wait(timeout=300)
@@ -292,7 +273,7 @@ def test_sbatch_preemption_checkpoints_requeues_and_resumes(tiny_model_dir, demo
                                                                       **{"optim.max_steps": 1000})],
                                  cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_until(lambda: len(train_steps(run)) >= 2, batch, log, 240, "two training steps")
+            wait_until(lambda: len(train_steps(run)) >= 2, 240, "two training steps", proc=batch, log=log)
             os.kill(batch.pid, signal.SIGUSR1)  # to the batch shell only, as --signal=B:USR1 does
             batch.wait(timeout=180)
         finally:

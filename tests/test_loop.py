@@ -4,37 +4,14 @@ resumed run is the uninterrupted run; non-finite steps are skipped, and too many
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import REPO
-from test_train import clean_env, read_jsonl, run_overrides, torchrun, train_in_process
-
-
-def step_records(run_dir):
-    return {r["step"]: r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
-
-
-def adapter_weights(run_dir):
-    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
-
-
-def assert_same_run(a, b, *, steps, rtol):
-    ra, rb = step_records(a), step_records(b)
-    assert sorted(ra) == sorted(rb) == list(range(1, steps + 1))
-    for s in ra:
-        assert ra[s]["loss"] == pytest.approx(rb[s]["loss"], rel=rtol), s
-        assert ra[s]["grad_norm"] == pytest.approx(rb[s]["grad_norm"], rel=rtol), s
-    wa, wb = adapter_weights(a), adapter_weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        # Adam turns a gradient element near 0 into a +-lr step, so rounding can move a rare element by ~1e-5:
-        # bound every element loosely and the mean tightly.
-        torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=2e-5)
-        assert (wa[k] - wb[k]).abs().mean() < 1e-7, k
+from helpers import (
+    REPO, adapter_weights, assert_same_run, clean_env, run_overrides, step_records, torchrun, torchrun_cmd,
+    train_in_process, wait_until,
+)
 
 
 COMMON = {"data.val": "", "run.log_every": 1, "optim.lr": 2e-3, "optim.warmup_steps": 1, "run.plot": "false"}
@@ -59,15 +36,6 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny_model_dir, demo_shar
     assert_same_run(tmp_path / "ranks", tmp_path / "one", steps=3, rtol=1e-5)
 
 
-def wait_for(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.slow
 def test_sigterm_then_resume_repeats_the_uninterrupted_losses(tiny_model_dir, demo_shards, tmp_path):
     """2 ranks, fp32, LoRA dropout on (so RNG state matters): stopped by SIGTERM at step k and resumed, the
@@ -77,12 +45,11 @@ def test_sigterm_then_resume_repeats_the_uninterrupted_losses(tiny_model_dir, de
            "lora.dropout": 0.1, "data.num_workers": 1, "run.precision": "fp32"}
     torchrun(run_overrides(tiny_model_dir, demo_shards, tmp_path, **cfg, **{"run.name": "whole"}))
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           *run_overrides(tiny_model_dir, demo_shards, tmp_path, **cfg, **{"run.name": "cut"})]
+    cmd = torchrun_cmd(run_overrides(tiny_model_dir, demo_shards, tmp_path, **cfg, **{"run.name": "cut"}))
     cut = tmp_path / "cut"
     proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    wait_for(lambda: (cut / "metrics.jsonl").is_file() and len(step_records(cut)) >= 3, 120, "step 3")
+    wait_until(lambda: (cut / "metrics.jsonl").is_file() and len(step_records(cut)) >= 3, 120, "step 3", proc=proc)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
     _, err = proc.communicate(timeout=120)
     stopped = int((cut / "PREEMPTED").read_text())
@@ -109,7 +76,7 @@ def test_a_non_finite_step_is_skipped(tiny_model_dir, demo_shards, tmp_path, mon
         "optim.max_steps": 3, "optim.global_batch": 4, "optim.micro_batch": 4})
     records = step_records(tmp_path / "t")
     assert records[1]["skipped_steps"] == 0 and records[2]["skipped_steps"] == 1 and records[3]["skipped_steps"] == 1
-    assert all(torch.isfinite(p).all() for p in result["peft_model"].parameters())
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
     assert records[3]["loss"] == records[3]["loss"]  # finite again
 
 
@@ -193,12 +160,10 @@ def test_fp16_two_ranks_a_non_finite_loss_on_one_rank_stops_every_rank_together(
     scale overflow on rank 0), and with run.max_bad_steps=2 both save the step-4 checkpoint and stop with the same
     line. Deciding from each rank's own loss, rank 0 counted overflows and went on into the next step's collective
     while rank 1 waited in the save: a hang."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           *run_overrides(tiny_model_dir, demo_shards, tmp_path, **COMMON, **{
-               "run.precision": "fp16", "optim.max_steps": 8, "optim.global_batch": 4, "optim.micro_batch": 2,
-               "run.max_bad_steps": 2, "run.dist_timeout_s": 60, "data.num_workers": 0})]
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(VLORA_FAILPOINTS="nan@loss:step3:rank1,nan@loss:step4:rank1"),
-                          capture_output=True, text=True, timeout=300)
+    proc = torchrun(run_overrides(tiny_model_dir, demo_shards, tmp_path, **COMMON, **{
+        "run.precision": "fp16", "optim.max_steps": 8, "optim.global_batch": 4, "optim.micro_batch": 2,
+        "run.max_bad_steps": 2, "run.dist_timeout_s": 60, "data.num_workers": 0}),
+        env={"VLORA_FAILPOINTS": "nan@loss:step3:rank1,nan@loss:step4:rank1"}, timeout=300, check=False)
     assert proc.returncode != 0
     errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("vlora: error:"))
     assert len(errors) == 2, proc.stderr[-3000:]

@@ -45,7 +45,7 @@ def test_peak_once_floor_last_at_the_edges(warmup, steps):
 
 def test_the_rates_a_run_uses_are_the_schedule(tiny_model_dir, demo_shards, tmp_path, monkeypatch):
     """The rates metrics.jsonl records for the steps that ran: warm-up to the peak once, the last at the floor."""
-    from test_train import read_jsonl, train_in_process
+    from helpers import read_jsonl, train_in_process
 
     train_in_process(monkeypatch, tiny_model_dir, demo_shards, tmp_path, **{
         "optim.max_steps": 5, "optim.warmup_steps": 2, "optim.lr": 1e-3, "optim.min_lr_ratio": 0.1,

@@ -21,7 +21,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import REPO
+from helpers import REPO
 from vlora.data import pack as pack_mod
 from vlora.data.formats import RecordError, load_samples
 from vlora.data.manifest import read_manifest, shard_paths, write_manifest

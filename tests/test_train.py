@@ -1,76 +1,21 @@
 """The real entry point end to end: torchrun + gloo + 4-bit base + LoRA + accumulation, the saved adapter, bad input."""
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
-
-
-def run_overrides(tiny_model_dir, demo_shards, out_dir, **extra) -> list[str]:
-    base = {
-        "model.path": tiny_model_dir, "data.train": demo_shards / "train", "data.val": demo_shards / "val",
-        "data.num_workers": 1, "data.val_samples": 32, "run.out_dir": out_dir, "run.name": "t",
-        "run.progress": "false", "optim.lr": 5e-3, "optim.warmup_steps": 2, "lora.dropout": 0.0,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}, **extra)
-    return env
-
-
-def train_in_process(monkeypatch, tiny_model_dir, demo_shards, out_dir, **extra) -> dict:
-    """vlora.train.train() in this process, as a world of one (no torchrun variables leak in)."""
-    from vlora.config import load_config, validate
-    from vlora.train import train
-
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    cfg = load_config(None, run_overrides(tiny_model_dir, demo_shards, out_dir, **{"data.num_workers": 0, **extra}))
-    return train(cfg, validate(cfg))
-
-
-def plain_peft_logits(tiny_model_dir, adapter_dir, batch):
-    """(base logits, base + adapter logits) as a user gets them: the 4-bit tiny base and plain PeftModel."""
-    from peft import PeftModel
-    from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
-
-    from vlora.model import full_logits, keep_training_layout
-
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["model.visual", "lm_head"])
-    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        tiny_model_dir, quantization_config=quant, dtype=torch.float32, device_map="cpu")
-    # bitsandbytes would otherwise repack the 4-bit weights for its bf16 CPU inference kernel in eval mode
-    # (AVX512-BF16 machines only), which moves logits by ~0.02 whatever the adapter: compare like with like.
-    keep_training_layout(base)
-    untrained = full_logits(base, batch)
-    return untrained, full_logits(PeftModel.from_pretrained(base, adapter_dir).eval(), batch)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from helpers import REPO, clean_env, plain_peft_logits, read_jsonl, run_overrides, torchrun, train_in_process
 
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_4bit_accumulation(tiny_model_dir, demo_shards, tmp_path):
     """2 ranks x micro-batch 2 x accumulation 2: replicas stay bit-identical after every step and held-out loss falls."""
     steps = 16
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           *run_overrides(tiny_model_dir, demo_shards, tmp_path, **{
-               "optim.max_steps": steps, "optim.global_batch": 8, "optim.micro_batch": 2,
-               "model.quant": "nf4", "run.param_digest": "true", "run.log_every": 4})]
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = torchrun(run_overrides(tiny_model_dir, demo_shards, tmp_path, **{
+        "optim.max_steps": steps, "optim.global_batch": 8, "optim.micro_batch": 2, "model.quant": "nf4",
+        "run.param_digest": "true", "run.log_every": 4}))
     run = tmp_path / "t"
     assert "grad_accum 2" in proc.stderr and "world 2" in proc.stderr and "4-bit nf4" in proc.stderr
 
@@ -102,13 +47,13 @@ def test_saved_adapter_loads_with_plain_peft(tiny_model_dir, demo_shards, tmp_pa
 
     result = train_in_process(monkeypatch, tiny_model_dir, demo_shards, tmp_path, **{
         "optim.max_steps": 6, "optim.global_batch": 4, "optim.micro_batch": 4})
-    trained, collator = result["peft_model"], result["collator"]
+    trained, collator = result.model, result.collator
     batch = heldout_batches(str(demo_shards / "val"), rank=0, world_size=1, max_samples=4, micro_batch=4,
                             encode=collator.encode, collate=collator.collate)[0]
     trained.eval()
     ours = full_logits(trained, batch)
 
-    untrained, theirs = plain_peft_logits(tiny_model_dir, result["adapter_dir"], batch)
+    untrained, theirs = plain_peft_logits(tiny_model_dir, result.dir / "adapter", batch)
 
     mask = batch["attention_mask"].bool()
     assert torch.allclose(ours[mask], theirs[mask], atol=1e-5, rtol=0), (ours[mask] - theirs[mask]).abs().max()
@@ -147,14 +92,6 @@ def test_model_folder_that_is_not_a_model(tiny_model_dir, demo_shards, tmp_path)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("vlora: error:")]
     assert len(errors) == 1 and f"cannot load model.path '{empty}' (folder)" in errors[0]
     assert "Traceback" not in proc.stderr
-
-
-def torchrun(overrides: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py",
-           *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 @pytest.mark.slow
@@ -199,7 +136,7 @@ def test_llamafactory_demo_files_pack_and_train(tiny_model_dir, tmp_path, monkey
         "run.trace_keys": "true", "data.max_length": 4096})
     keys = [k for r in read_jsonl(tmp_path / "t" / "keys" / "rank0.jsonl") for k in r["keys"]]
     assert len(keys) == len(set(keys)) == 6  # 3 steps x 2 samples, none twice
-    assert result["skipped_samples"] == 0
-    assert (result["adapter_dir"] / "adapter_model.safetensors").is_file()
+    assert result.state.skipped_samples == 0
+    assert (result.dir / "adapter" / "adapter_model.safetensors").is_file()
     losses = [r["loss"] for r in read_jsonl(tmp_path / "t" / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)

@@ -56,8 +56,16 @@ ASIDE_PREFIX = ".old-"  # a published checkpoint moved aside while its replaceme
 TMP_PREFIX = ".tmp-"  # a checkpoint being assembled
 
 
+DEEPSPEED_DIR = "deepspeed"  # engine deepspeed: DeepSpeed's own files in a checkpoint (its "tag")
+
+
 def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / f"{STEP_PREFIX}{step:08d}"
+
+
+def optimizer_file(folder: Path, rank: int) -> Path:
+    """Engine ddp: this rank's share of the optimizer state."""
+    return folder / f"optimizer.rank{rank:05d}.pt"
 
 
 def _rank_file(folder: Path, rank: int) -> Path:
@@ -251,15 +259,17 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, step: int, *, world: World, peft_model, engine, train_state: dict,
-                    rank_state: dict, keep_last: int, config_text: str = "", reuse: bool = False,
-                    preempted: bool = False) -> Path:
-    """Collective: every rank writes its own state, rank 0 the shared part; then rank 0 publishes the folder.
+def save_checkpoint(run_dir: Path, state, *, world: World, peft_model, engine, keep_last: int,
+                    config_text: str = "", reuse: bool = False, preempted: bool = False) -> Path:
+    """Collective: a checkpoint of `state` (vlora.train.TrainState) at `state.step`. Every rank writes its own
+    files (its data position `state.data`, its RNG states as they are now, its share of the engine's state), rank 0
+    the shared part (the adapter, the counters, the config); then rank 0 publishes the folder.
 
-    `reuse`: this run already saved (or resumed from) `step`; if that folder is complete it is kept as it is.
+    `reuse`: this run already saved (or resumed from) this step; if that folder is complete it is kept as it is.
     `preempted`: rank 0 also writes runs/NAME/PREEMPTED (the step), before the save's last barrier, so no rank
     leaves the save before the marker exists.
     """
+    step = state.step
     final = step_dir(run_dir, step)
     if reuse and is_complete(final):
         if world.is_main:
@@ -280,20 +290,17 @@ def save_checkpoint(run_dir: Path, step: int, *, world: World, peft_model, engin
     # Every rank writes its own files: the data position, the RNG states, and its share of the engine's state
     # (DDP: 1/world of the replicated optimizer state, so the checkpoint's write is spread out; DeepSpeed: its
     # shards).
-    _rank_file(tmp, world.rank).write_text(json.dumps(rank_state) + "\n")
+    _rank_file(tmp, world.rank).write_text(json.dumps({"data": state.data}) + "\n")
     save_rng_states(_rng_file(tmp, world.rank), rng_states())
     engine_state = engine.save(tmp)
-    adapter_state = engine.adapter_state(peft_model)  # collective under ZeRO-3 (gathered to rank 0), else None
+    engine.export_adapter(peft_model, tmp / "adapter")  # collective under ZeRO-3 (gathered to rank 0)
     failpoint("save:rank_files", step)
     barrier()
     if world.is_main:
-        from vlora.model import save_adapter
-
-        save_adapter(peft_model, tmp / "adapter", state_dict=adapter_state)
         if config_text:
             (tmp / "config.yaml").write_text(config_text)
-        state = {"step": step, "world_size": world.size, **engine_state, **train_state}
-        (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder whole
+        shared = {**state.state_dict(), "world_size": world.size, **engine_state}
+        (tmp / "train_state.json").write_text(json.dumps(shared, indent=2) + "\n")  # last: marks the folder whole
         failpoint("save:before_rename", step)
         aside = run_dir / f"{ASIDE_PREFIX}{final.name}"
         if final.exists():  # an abandoned attempt's step_X: kept (aside) until `latest` names its replacement
@@ -324,19 +331,19 @@ def _finish(run_dir: Path, step: int, preempted: bool) -> None:
     failpoint("save:end", step)
 
 
-def load_checkpoint(path: Path, *, world: World, peft_model, engine) -> tuple[dict, dict, dict]:
-    """Restore the trained weights and the engine's state (optimizer, grad scaler) in place; return (train_state,
-    this rank's data state, its RNG states). The caller sets the RNG states just before the first step: building
-    data loaders draws from them."""
+def load_checkpoint(path: Path, state, *, world: World, peft_model, engine) -> None:
+    """Restore the trained weights and the engine's state (optimizer, grad scaler) in place, and `state`
+    (vlora.train.TrainState: counters, this rank's data position and RNG states). The caller sets the RNG states
+    just before the first step: building data loaders draws from them."""
     from peft import set_peft_model_state_dict
 
-    train_state = read_json(path / "train_state.json")
-    if train_state.get("world_size") != world.size:
+    shared = read_json(path / "train_state.json")
+    if shared.get("world_size") != world.size:
         raise VloraError(
-            f"checkpoint {path} was written by {train_state.get('world_size')} rank(s), this run has {world.size}; "
+            f"checkpoint {path} was written by {shared.get('world_size')} rank(s), this run has {world.size}; "
             "resume with the same number of processes (the data position is kept per rank)"
         )
-    saved_engine = train_state.get("engine", "ddp")
+    saved_engine = shared.get("engine", "ddp")
     if saved_engine != engine.name:
         raise VloraError(
             f"checkpoint {path} was written by engine {saved_engine}, this run uses {engine.name}; resume with the "
@@ -351,5 +358,6 @@ def load_checkpoint(path: Path, *, world: World, peft_model, engine) -> tuple[di
         result = set_peft_model_state_dict(peft_model, weights)
         if result.unexpected_keys:
             raise VloraError(f"checkpoint {path}: adapter has keys this model lacks, e.g. {result.unexpected_keys[0]}")
-    engine.load(path, train_state)
-    return train_state, rank_state, rng
+    engine.load(path, shared)
+    state.load_state_dict(shared)
+    state.data, state.rng = rank_state.get("data"), rng

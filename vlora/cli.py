@@ -71,7 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo_data)
 
-    from vlora.config import DataArgs
     from vlora.data.formats import FORMATS
     k = sub.add_parser("pack", help="check annotation files and their images, and pack them into WebDataset shards")
     k.add_argument("--src", required=True, type=Path,
@@ -90,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the annotation file's folder, and take paths as written (no parent-folder or shorter-path fallback)")
     k.add_argument("--max-tokens", type=int, default=None, help="reject samples longer than this in training (needs --model)")
     k.add_argument("--model", type=Path, default=None, help="Qwen2.5-VL folder whose processor counts the tokens")
-    k.add_argument("--min-pixels", type=int, default=DataArgs.min_pixels, help="the run's data.min_pixels, for --max-tokens")
-    k.add_argument("--max-pixels", type=int, default=DataArgs.max_pixels, help="the run's data.max_pixels, for --max-tokens")
+    # Not given: pack's defaults (vlora.data.pack.DEFAULT_MIN_PIXELS / DEFAULT_MAX_PIXELS, the run's defaults).
+    k.add_argument("--min-pixels", type=int, default=None, help="the run's data.min_pixels (default: its default)")
+    k.add_argument("--max-pixels", type=int, default=None, help="the run's data.max_pixels (default: its default)")
     k.set_defaults(func=cmd_pack)
 
     r = sub.add_parser("train", help="train in this process (use torchrun train.py for several)")

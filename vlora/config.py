@@ -1,9 +1,13 @@
-"""One typed config tree for a run: YAML file + `section.key=value` overrides, checked before any model loads.
+"""One typed config tree for a run: YAML file + `section.key=value` overrides, with the value checks and the batch
+arithmetic. A leaf: it imports nothing of vlora but vlora.errors.
 
-Every field has a default and a comment; `resolve()` returns the config together with the batch arithmetic
-(micro-steps per optimizer step) so that nothing downstream recomputes it. Mistakes the user can make here
-(unknown keys, wrong types, paths that do not exist, a global batch that the world does not divide) raise
-`VloraError` with one line that says what to change.
+`load_config(path, overrides)` gives the `Config` (defaults, then the file, then the overrides); every field has a
+default and a comment. `validate(cfg, world_size)` checks the values alone (types, choices, ranges, which LoRA group
+goes with which freeze switch, a global batch the world divides) and returns the `Plan`: the batch arithmetic
+(micro-steps per optimizer step), derived once so that nothing downstream recomputes it. It reads no file.
+What needs the file system or another module (the model folder, the shard folders and their manifests, the run
+folder, an adapter to start from, the DeepSpeed JSON, the memory a run needs) is `vlora.preflight.preflight`,
+which runs `validate` first. Every mistake raises `VloraError` with one line that says what to change.
 """
 
 from __future__ import annotations
@@ -69,7 +73,10 @@ class DataArgs:
     # Shard folders (manifest.json + *.tar, written by `vlora pack`), mixed by weight: "dir" or "dir:2,dir2:1".
     train: str = "shards/demo/train"
     val: str = "shards/demo/val"  # held-out shards; empty string = no evaluation
-    min_pixels: int = 28 * 28 * 4  # images are resized so that h*w lies in [min_pixels, max_pixels]
+    # Images are resized so that h*w lies in [min_pixels, max_pixels]. The same two defaults are the data package's
+    # own (vlora.data.pack.DEFAULT_MIN_PIXELS / DEFAULT_MAX_PIXELS, for `vlora pack`), which may not import this
+    # module, nor this module it: tests/test_config.py holds the two pairs equal.
+    min_pixels: int = 28 * 28 * 4
     max_pixels: int = 28 * 28 * 256
     max_length: int = 2048  # tokens per sample, image tokens included; longer samples are skipped, counted
     open_shards: int = 4  # shards each data reader interleaves at random (the in-epoch shuffle)
@@ -99,12 +106,27 @@ class OptimArgs:
     micro_batch: int = 4  # samples per forward pass on one rank
 
 
+# run.* is one flat namespace for the user (run.resume, run.engine, ...), but four concerns in the code: a dataclass
+# per concern, and RunArgs inherits them all, so the fields stay flat (cfg.run.<key>, the saved config.yaml) while
+# code that needs one concern can take that type (a RunArgs is a CheckpointArgs, a LogArgs, ...).
+
+
 @dataclass
-class RunArgs:
+class LoopArgs:
+    """The run itself: where it lives, its seed and precision, when it evaluates, when it gives up."""
+
     name: str = "demo"
     out_dir: str = "runs"  # the run lives in out_dir/name
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = only before and after training
+    max_bad_steps: int = 5  # this many non-finite steps in a row stop the run (with a checkpoint)
+
+
+@dataclass
+class DistArgs:
+    """How ranks share the work: the engine, its DeepSpeed JSON, and how long a collective may wait."""
+
     # ddp (plain DistributedDataParallel) | deepspeed (ZeRO, as run.deepspeed_config says). Same loop either way.
     engine: str = "ddp"
     # DeepSpeed JSON for engine=deepspeed: ds_configs/zero2.json (default), zero3.json, zero3_offload.json or yours.
@@ -114,19 +136,38 @@ class RunArgs:
     # ZeRO-3 only: create the model already partitioned (deepspeed.zero.Init through transformers), so no rank
     # ever holds the whole base; false loads the whole base on every rank and partitions it afterwards.
     zero3_init: bool = True
-    eval_every: int = 0  # optimizer steps between evaluations; 0 = only before and after training
+    dist_timeout_s: int = 600  # a collective that waits longer than this ends the run
+
+
+@dataclass
+class CheckpointArgs:
+    """Checkpoints, and where a run starts from."""
+
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     keep_last: int = 2  # checkpoints kept
     overwrite: bool = False  # start afresh in a run folder that already holds a run (its contents are deleted)
     resume: str = ""  # "" = a new run | auto = continue from the run's latest checkpoint if any | a checkpoint folder
-    trace_keys: bool = False  # write the sample keys each rank consumes per step (data-order checks)
-    max_bad_steps: int = 5  # this many non-finite steps in a row stop the run (with a checkpoint)
-    plot: bool = True  # write loss and lr against step as runs/NAME/curves.png at the end
+
+
+@dataclass
+class LogArgs:
+    """What rank 0 reports, and the diagnostics a run can write."""
+
     log_every: int = 1  # optimizer steps between log lines
     progress: bool = True  # tqdm bar on rank 0
     wandb: bool = False  # also log to wandb (offline unless WANDB_MODE says otherwise)
+    plot: bool = True  # write loss and lr against step as runs/NAME/curves.png at the end
+    trace_keys: bool = False  # write the sample keys each rank consumes per step (data-order checks)
     param_digest: bool = False  # write a hash of the trainable weights per rank and step (replica checks)
-    dist_timeout_s: int = 600  # a collective that waits longer than this ends the run
+
+
+@dataclass
+class RunArgs(LogArgs, CheckpointArgs, DistArgs, LoopArgs):
+    """Everything under run.*: the four concerns above, flat (fields in the order LoopArgs, DistArgs,
+    CheckpointArgs, LogArgs)."""
+
+
+RUN_CONCERNS = (LoopArgs, DistArgs, CheckpointArgs, LogArgs)
 
 
 @dataclass
@@ -301,40 +342,16 @@ def _check_model_lora_optim(cfg: Config) -> None:
         raise VloraError(f"config key 'lora.alpha' must be positive, got {lora.alpha}")
     if not 0 <= lora.dropout < 1:
         raise VloraError(f"config key 'lora.dropout' must lie in [0, 1), got {lora.dropout}")
-    if lora.init_from:
-        folder = Path(lora.init_from)
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            if not (folder / name).is_file():
-                raise VloraError(f"lora.init_from '{lora.init_from}' is not an adapter folder (no {name}); "
-                                 "give a run's adapter/ or a checkpoint's step_*/adapter/ folder")
     for key in ("lr_llm", "lr_merger", "lr_vision"):
         if getattr(cfg.optim, key) <= 0:
             raise VloraError(f"config key 'optim.{key}' must be positive, got {getattr(cfg.optim, key)}; "
                              "freeze a component with model.freeze_* instead")
 
 
-def _check_packed_pixels(data: DataArgs, folder: str, checks: dict) -> None:
-    """data.max_pixels must not be below what `vlora pack` made sure every image of `folder` resizes under.
-
-    Only max_pixels can break a resize (a narrow image shrunk to a zero side in a data worker); min_pixels only
-    ever enlarges. The manifest's max_pixels_floor is the smallest safe value for its images; a manifest without
-    it (an older pack) is held to the max_pixels it was checked at.
-    """
-    floor = checks.get("max_pixels_floor")
-    if isinstance(floor, int):
-        if data.max_pixels < floor:
-            raise VloraError(f"data.max_pixels={data.max_pixels} is below {floor}, the least that every image in {folder} "
-                             "resizes under without a zero side (its narrowest image); raise data.max_pixels to "
-                             f"{floor} or repack with `vlora pack --max-pixels {data.max_pixels}`, which rejects those images")
-    elif isinstance(checks.get("max_pixels"), int) and data.max_pixels < checks["max_pixels"]:
-        raise VloraError(f"data.max_pixels={data.max_pixels} is below max_pixels={checks['max_pixels']}, which {folder} was "
-                         "packed (its images checked) with, so a narrow image may resize to a zero side in a data worker; "
-                         f"set data.max_pixels >= {checks['max_pixels']} or repack with this vlora (or with --max-pixels "
-                         f"{data.max_pixels})")
-
-
 def validate(cfg: Config, world_size: int = 1) -> Plan:
-    """Check everything that can be checked without a model; return the batch arithmetic."""
+    """Check the values alone (no file is read, no other module asked); return the batch arithmetic.
+
+    vlora.preflight.preflight runs this, then the checks that need files; call preflight before a run."""
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -382,33 +399,9 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
             f"optim.global_batch={cfg.optim.global_batch} is not divisible by optim.micro_batch x world size "
             f"= {cfg.optim.micro_batch} x {world_size} = {per_pass}; pick a global batch that is a multiple of {per_pass}"
         )
-    model_path = cfg.model.path
-    if not Path(model_path).exists() and not looks_like_hub_id(model_path):
-        raise VloraError(f"model.path '{model_path}' does not exist (a local folder or an owner/name hub id)")
-    from vlora.data.manifest import read_manifest
-    from vlora.data.stream import check_sources
-
-    # Manifests are read now, so a missing or damaged shard is named here, not in a data worker later.
-    sources = check_sources(cfg.data.train, world_size, cfg.data.num_workers)  # "dir:weight,..." parsed, each checked
-    folders = [folder for folder, _ in sources]
-    if cfg.data.val:
-        if not Path(cfg.data.val).is_dir():
-            raise VloraError(f"data.val shard folder '{cfg.data.val}' does not exist; run `make shards` or `vlora pack`")
-        folders.append(cfg.data.val)
-    for folder in folders:
-        _check_packed_pixels(cfg.data, folder, read_manifest(folder).get("checks", {}))
-    run_dir = cfg.run_dir
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (cfg.run.overwrite or cfg.run.resume):
-        raise VloraError(f"run folder {run_dir} already holds a run; set run.resume=auto to continue it, "
-                         "run.overwrite=true to start afresh, or choose another run.name")
     if cfg.run.overwrite and cfg.run.resume:
         raise VloraError("run.overwrite=true would delete the checkpoint that run.resume asks for; set only one")
-    plan = Plan(grad_accum=cfg.optim.global_batch // per_pass)
-    if cfg.run.engine == "deepspeed":
-        from vlora.engine import deepspeed_config
-
-        deepspeed_config(cfg, plan, world_size)  # the JSON is read and checked against optim.* now, not after loading
-    return plan
+    return Plan(grad_accum=cfg.optim.global_batch // per_pass)
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

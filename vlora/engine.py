@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
+from vlora.checkpoint import DEEPSPEED_DIR as DS_TAG  # DeepSpeed's own files in a checkpoint folder (its "tag")
+from vlora.checkpoint import optimizer_file
 from vlora.config import Config, Plan
 from vlora.errors import VloraError
 
-# DeepSpeed's own files in a checkpoint folder: step_XXXXXXXX/deepspeed/ (its "tag"), beside vlora's files.
-DS_TAG = "deepspeed"
 # Keys vlora writes into the DeepSpeed config from its own (so the two cannot disagree), by the config key they
 # come from. In a user's JSON each may be absent, "auto" (HF Trainer's convention), or equal; else it is an error.
 OWNED = {
@@ -52,7 +52,7 @@ class StepResult:
     """What `Engine.step` did: the same decision on every rank."""
 
     grad_norm: torch.Tensor  # the global gradient norm before clipping (inf or nan when that made the step skip)
-    loss_ok: bool  # this rank's step loss is finite
+    loss_ok: bool  # the step's loss, summed over all ranks, is finite
     applied: bool  # the optimizer update was applied
     overflow: bool  # skipped by fp16 loss scaling, which lowered its scale: normal early in a run, not an error
 
@@ -121,8 +121,8 @@ class Engine:
             scaler.unscale_(optimizer)
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else math.inf)
-        # The step's one host sync. Gradients are all-reduced, so every rank computes the same norm and takes the
-        # same decision; a rank's own loss may be finite while another's is not, so the loss goes by the norm too.
+        # The step's host sync. Gradients and the step loss are all-reduced, so every rank computes the same norm
+        # and loss and takes the same decision.
         loss_ok, norm_ok = torch.isfinite(torch.stack([step_loss.double(), grad_norm.double()])).tolist()
         applied = overflow = False
         if scaler is not None and loss_ok and not norm_ok:
@@ -188,10 +188,6 @@ class Engine:
 
     def close(self) -> None:
         pass
-
-
-def optimizer_file(folder: Path, rank: int) -> Path:
-    return folder / f"optimizer.rank{rank:05d}.pt"
 
 
 def shard_optimizer_state(state: dict, rank: int, world_size: int) -> dict:

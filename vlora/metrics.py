@@ -103,12 +103,16 @@ class Metrics:
             log.info(message)
 
     def close(self) -> None:
+        """Idempotent: the end of a run closes it before plotting, and the run's exit stack again."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.file is not None:
             self.file.close()
+            self.file = None
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None
 
 
 def read_metrics(path: Path) -> tuple[list[dict], int]:

@@ -1,4 +1,6 @@
-"""The training loop, top to bottom: config -> world -> model + data -> steps -> adapter.
+"""The training loop, top to bottom: `build` (world, engine, model, data, state) -> `fit` (the loop: one
+`train_step` per optimizer step, then log, evaluate, save, stop) -> `finish` (last evaluation, checkpoint,
+adapter). `train(cfg, plan)` does all three and closes what it opened on every way out.
 
 One optimizer step = `grad_accum` micro-batches on every rank. Before the forward passes, the step's supervised
 tokens are counted over all micro-batches and ranks; each micro-batch's summed loss is divided by that count,
@@ -12,17 +14,19 @@ Run it as `torchrun --nproc_per_node N train.py --config FILE key=value ...` or,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from vlora.config import Config, Plan, load_config, save_config, to_dict, validate
+from vlora.config import Config, Plan, load_config, save_config, to_dict
 from vlora.distributed import (
     Heartbeat, PreemptionSignal, World, all_reduce_max, all_reduce_sum, barrier, cleanup, collective_failure,
     init_distributed, world_size_from_env,
@@ -30,6 +34,7 @@ from vlora.distributed import (
 from vlora.errors import VloraError
 from vlora.failpoints import failpoint
 from vlora.metrics import Metrics, log, peak_memory_gib, plot_curves, setup_logging
+from vlora.preflight import preflight
 
 
 # What a pre-empted run exits with, as a process killed by SIGTERM would (128 + 15): not done, not failed.
@@ -103,248 +108,369 @@ def param_digest(params: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def train(cfg: Config, plan: Plan) -> dict:
-    """Train under the current process group (or alone) and return what tests and the demo report."""
-    from vlora.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_states
-    from vlora.data.collate import Collator
-    from vlora.data.stream import heldout_batches, parse_sources, train_loader
-    from vlora.engine import make_engine
-    from vlora.model import SupervisedLoss, build_model, load_processor
-    from vlora.optim import (
-        build_optimizer, describe_param_groups, lr_at, resolve_compute_dtype, resolve_precision, set_lr,
-    )
+@dataclass
+class TrainState:
+    """Where a run stands: what a checkpoint records beside the weights and the engine's state.
 
-    # ---- world, precision, engine, run folder ----
+    `step`, `skipped_samples` and `skipped_steps` are the same on every rank (train_state.json); `data` (this rank's
+    stream position) and `rng` (this rank's RNG states) are per rank.
+    """
+
+    step: int = 0  # optimizer steps done
+    skipped_samples: int = 0  # over data.max_length, all ranks together
+    skipped_steps: int = 0  # non-finite or fp16-overflow steps whose update was not applied
+    data: dict | None = None
+    rng: dict | None = None
+
+    COUNTERS = ("step", "skipped_samples", "skipped_steps")
+
+    def state_dict(self) -> dict:
+        """The part every rank shares."""
+        return {k: getattr(self, k) for k in self.COUNTERS}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self.COUNTERS:
+            setattr(self, k, int(state.get(k, 0)))
+
+
+@dataclass
+class Run:
+    """Everything a run is made of, as `build` makes it. Also the way in for code that drives a run itself (a
+    notebook, the tests): `build`, then `fit`, then read `model`, `collator`, `val_losses`, `state`."""
+
+    cfg: Config
+    plan: Plan
+    world: World
+    precision: object  # vlora.optim.Precision
+    engine: object  # vlora.engine.Engine
+    processor: object
+    model: torch.nn.Module  # the peft model
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    collator: object
+    batches: object  # the resumable training stream (vlora.data.stream)
+    heldout: list
+    metrics: Metrics
+    trace: Trace
+    heartbeat: Heartbeat
+    preemption: PreemptionSignal
+    state: TrainState
+    saved_step: int | None = None  # the step whose checkpoint this run holds (saved, or resumed from)
+    val_losses: dict = field(default_factory=dict)
+
+    @property
+    def dir(self) -> Path:
+        return self.cfg.run_dir
+
+
+def build(cfg: Config, plan: Plan, resources: contextlib.ExitStack) -> Run:
+    """World, run folder, model, optimizer, engine, the state to resume and the data; what needs closing is
+    registered on `resources`."""
+    from vlora.checkpoint import load_checkpoint, resolve_resume
+    from vlora.engine import make_engine
+    from vlora.optim import resolve_compute_dtype, resolve_precision
+
     preemption = PreemptionSignal()  # from the start: a signal during loading stops the run at the first step
+    resources.callback(preemption.restore)
     world = init_distributed(cfg.run.dist_timeout_s, always_group=cfg.run.engine == "deepspeed")
     setup_logging(world.rank, world.size)
     precision = resolve_precision(cfg, world.device)
     compute_dtype = resolve_compute_dtype(cfg, precision)
     engine = make_engine(cfg, plan, world, precision)  # ddp | deepspeed-zeroN: how gradients and updates are shared
-    run_dir = cfg.run_dir
-    if world.is_main:
-        if cfg.run.overwrite and run_dir.is_dir():
-            shutil.rmtree(run_dir)  # validate() refused a used folder unless the user asked for this
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    barrier()
-    resume_from = resolve_resume(run_dir, cfg.run.resume)
+    resources.callback(engine.close)
+    _prepare_run_dir(cfg, world)
+    resume_from = resolve_resume(cfg.run_dir, cfg.run.resume)
     if resume_from is None and cfg.run.resume == "auto":
-        log.info("run.resume=auto: no checkpoint in %s yet; starting at step 0", run_dir)
+        log.info("run.resume=auto: no checkpoint in %s yet; starting at step 0", cfg.run_dir)
     log.info("world %d | device %s | engine %s | precision %s | 4-bit %s | grad_accum %d | global batch %d",
              world.size, world.device, engine.name, precision.name, cfg.model.quant, plan.grad_accum,
              cfg.optim.global_batch)
 
-    # ---- model: the same seed on every rank gives the same LoRA init; dropout then differs per rank ----
+    processor, model, loss_fn, optimizer = _build_model(cfg, world, engine, compute_dtype)
+    state = TrainState()
+    if resume_from is not None:  # trained weights, optimizer, step, this rank's data position and RNG states
+        load_checkpoint(resume_from, state, world=world, peft_model=model, engine=engine)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+
+    collator, batches, heldout = _build_data(cfg, world, processor, compute_dtype, state.data, engine.lockstep)
+    metrics = Metrics(cfg.run_dir, enabled=world.is_main, total_steps=cfg.optim.max_steps,
+                      progress=cfg.run.progress, wandb_config=to_dict(cfg) if cfg.run.wandb else None)
+    resources.callback(metrics.close)
+    trace = Trace(cfg.run_dir, world.rank, digests=cfg.run.param_digest, keys=cfg.run.trace_keys)
+    resources.callback(trace.close)
+    return Run(cfg=cfg, plan=plan, world=world, precision=precision, engine=engine, processor=processor,
+               model=model, loss_fn=loss_fn, optimizer=optimizer, collator=collator, batches=batches,
+               heldout=heldout, metrics=metrics, trace=trace, heartbeat=Heartbeat(world), preemption=preemption,
+               state=state, saved_step=state.step if resume_from is not None else None)
+
+
+def _prepare_run_dir(cfg: Config, world: World) -> None:
+    if world.is_main:
+        if cfg.run.overwrite and cfg.run_dir.is_dir():
+            shutil.rmtree(cfg.run_dir)  # the config check refused a used folder unless the user asked for this
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.run_dir / "config.yaml")
+    barrier()
+
+
+def _build_model(cfg: Config, world: World, engine, compute_dtype: torch.dtype):
+    """(processor, peft model, loss module, optimizer), the engine prepared around them."""
+    from vlora.model import SupervisedLoss, build_model, load_processor
+    from vlora.optim import build_optimizer, describe_param_groups
+
+    # The same seed on every rank gives the same LoRA init; dropout then differs per rank.
     torch.manual_seed(cfg.run.seed)
     processor = load_processor(cfg.model.path)
     with engine.model_init():  # ZeRO-3 with run.zero3_init: created already partitioned
-        peft_model = build_model(cfg, world.device, compute_dtype, quant_storage=engine.quant_storage(compute_dtype))
-    n_train, n_total = peft_model.get_nb_trainable_parameters()  # counts 4-bit weights at their real size
+        model = build_model(cfg, world.device, compute_dtype, quant_storage=engine.quant_storage(compute_dtype))
+    n_train, n_total = model.get_nb_trainable_parameters()  # counts 4-bit weights at their real size
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{n_train:,}", f"{n_total:,}", 100 * n_train / n_total)
     torch.manual_seed(cfg.run.seed + world.rank)
-    loss_fn = SupervisedLoss(peft_model, vision_lockstep=engine.lockstep)
-    optimizer = build_optimizer(peft_model, cfg.optim, world.device)
+    loss_fn = SupervisedLoss(model, vision_lockstep=engine.lockstep)
+    optimizer = build_optimizer(model, cfg.optim, world.device)
     log.info(describe_param_groups(optimizer))
     engine.prepare(loss_fn, optimizer)  # DDP wrapping, or deepspeed.initialize (ZeRO partitions what it owns)
+    return processor, model, loss_fn, optimizer
 
-    # ---- resume: trained weights, optimizer, step and this rank's data position ----
-    start_step, counters, data_state, rng = 0, {"skipped_samples": 0, "skipped_steps": 0}, None, None
-    if resume_from is not None:
-        train_state, rank_state, rng = load_checkpoint(resume_from, world=world, peft_model=peft_model, engine=engine)
-        start_step, data_state = train_state["step"], rank_state.get("data")
-        counters = {k: train_state.get(k, 0) for k in counters}
-        log.info("resumed from %s at step %d", resume_from, start_step)
 
-    # ---- data ----
+def _build_data(cfg: Config, world: World, processor, compute_dtype: torch.dtype, position: dict | None,
+                lockstep: bool):
+    """(collator, the training stream from `position`, this rank's held-out batches)."""
+    from vlora.data.collate import Collator
+    from vlora.data.stream import heldout_batches, parse_sources, train_loader
+
     collator = Collator(processor, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
                         max_length=cfg.data.max_length, train_on=cfg.data.train_on, pixel_dtype=compute_dtype,
                         pack_length=cfg.data.pack_length)
     batches = train_loader(parse_sources(cfg.data.train), rank=world.rank, world_size=world.size,
                            num_workers=cfg.data.num_workers, seed=cfg.run.seed, micro_batch=cfg.optim.micro_batch,
-                           encode=collator.encode, collate=collator.collate, state=data_state,
+                           encode=collator.encode, collate=collator.collate, state=position,
                            open_shards=cfg.data.open_shards)
     heldout = heldout_batches(cfg.data.val, rank=world.rank, world_size=world.size, max_samples=cfg.data.val_samples,
                               micro_batch=cfg.optim.micro_batch, encode=collator.encode,
                               collate=collator.collate) if cfg.data.val else []
-    if cfg.data.val and engine.lockstep:
+    if cfg.data.val and lockstep:
         # Lockstep evaluation repeats a rank's own last batch to keep up with the others: it needs one.
         fewest = -all_reduce_max(torch.tensor([-len(heldout)], device=world.device)).item()
         if fewest == 0:
             raise VloraError(f"data.val_samples={cfg.data.val_samples} leaves a rank without a held-out batch; "
                              f"under ZeRO-3 every rank evaluates in step: give at least {world.size} samples")
+    return collator, batches, heldout
 
-    metrics = Metrics(run_dir, enabled=world.is_main, total_steps=cfg.optim.max_steps, progress=cfg.run.progress,
-                      wandb_config=to_dict(cfg) if cfg.run.wandb else None)
-    trace = Trace(run_dir, world.rank, digests=cfg.run.param_digest, keys=cfg.run.trace_keys)
 
-    # Decided by the config, not by this rank's share: every rank must join evaluate()'s all-reduce,
-    # also a rank whose share of the held-out set is empty.
-    evaluating = bool(cfg.data.val)
-    val_losses = {}
-    if evaluating and start_step == 0:
-        val_losses[0] = evaluate(loss_fn, heldout, world, precision, engine.lockstep)
-        metrics.write({"step": 0, "val_loss": val_losses[0]})
-        metrics.info(f"step     0 | held-out loss {val_losses[0]:.4f}")
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
 
-    skipped = torch.full((), counters["skipped_samples"], dtype=torch.float64, device=world.device)  # all ranks'
-    skipped_steps = counters["skipped_steps"]  # non-finite or fp16-overflow steps whose update was not applied
 
-    # The step whose checkpoint this run holds already (saved, or resumed from): saving it again reuses it.
-    saved_step = start_step if resume_from is not None else None
+@dataclass
+class StepCounts:
+    """One step's counts over every rank, known before any forward (one all-reduce): the loss divisor, the
+    throughput numerator, the samples skipped as too long, and whether any rank was told to stop."""
 
-    def checkpoint(step: int, data_position: dict | None = None, preempted: bool = False) -> Path:
-        nonlocal saved_step
-        train_state = {"skipped_samples": int(skipped), "skipped_steps": skipped_steps}
-        path = save_checkpoint(run_dir, step, world=world, peft_model=peft_model, engine=engine,
-                               train_state=train_state, rank_state={"data": data_position or batches.state_dict()},
-                               keep_last=cfg.run.keep_last, config_text=(run_dir / "config.yaml").read_text(),
-                               reuse=step == saved_step, preempted=preempted)
-        saved_step = step
-        return path
+    supervised: float
+    tokens: float
+    skipped: float
+    stop: bool
 
-    # ---- the loop ----
-    loss_fn.train()  # from_pretrained returns eval mode: LoRA dropout and gradient checkpointing need train mode
+
+def step_counts(run: Run, micro_batches: list[dict]) -> StepCounts:
+    counts = torch.tensor([sum(b["loss_index"].numel() for b in micro_batches),
+                           sum(b["n_tokens"] for b in micro_batches),
+                           sum(b.pop("skipped") for b in micro_batches),
+                           float(run.preemption.received is not None)],
+                          dtype=torch.float64, device=run.world.device)
+    supervised, tokens, skipped, stop = all_reduce_sum(counts).tolist()  # a host sync the stop decision needs
+    return StepCounts(supervised, tokens, skipped, stop > 0)
+
+
+def train_step(run: Run, micro_batches: list[dict], supervised: float):
+    """One optimizer step: forward and backward per micro-batch, then clip and update (or skip). Returns the
+    engine's StepResult and the step's summed loss over all ranks."""
+    engine, world, step = run.engine, run.world, run.state.step + 1
+    step_loss = torch.zeros((), dtype=torch.float64, device=world.device)
+    for i, batch in enumerate(micro_batches):
+        # Non-final micro-batches accumulate locally; gradients are reduced over ranks once, on the last.
+        with engine.micro_step(boundary=i == len(micro_batches) - 1):
+            with run.precision.autocast():
+                loss_sum = engine(to_device(batch, world.device))
+            if failpoint("loss", step):
+                loss_sum = loss_sum * float("nan")
+            # Both engines average gradients over ranks; multiplying by world size turns that into a sum, so the
+            # result is sum(loss) / supervised tokens of the whole step exactly.
+            engine.backward(loss_sum * (world.size / max(supervised, 1.0)))
+        step_loss += loss_sum.detach()
+    if failpoint("grad", step):
+        next(p for p in engine.params if p.grad is not None).grad.fill_(float("inf"))
+    # The step's loss over all ranks: whether it is finite is decided for all ranks at once (one rank's own loss
+    # may be finite while another's is not; under fp16 they would then disagree on what to skip, and hang).
+    all_reduce_sum(step_loss)
+    # Clip, then update unless the loss or the gradient norm is not finite: the same decision on every rank.
+    return engine.step(step_loss), step_loss
+
+
+def fit(run: Run) -> None:
+    """The loop, from the state's step to optim.max_steps, then `finish`."""
+    from vlora.checkpoint import set_rng_states
+    from vlora.optim import lr_at, set_lr
+
+    cfg, state = run.cfg, run.state
+    run.loss_fn.train()  # from_pretrained returns eval mode: LoRA dropout and gradient checkpointing need train mode
+    if cfg.data.val and state.step == 0:
+        _evaluate_and_log(run)
+    if state.rng is not None:
+        set_rng_states(state.rng)  # now, after the loaders drew their seeds: dropout continues where it stopped
+    window = Window(run.world.device)
     bad_in_a_row = 0
-    heartbeat = Heartbeat(world)  # so that a timed-out collective can name the rank that did not get there
-    if rng is not None:
-        set_rng_states(rng)  # now, after the loaders drew their seeds: dropout continues exactly where it stopped
-    # Sums since the last log line; reading them (.item()) syncs with the device, so only on log steps.
-    window_loss = torch.zeros((), dtype=torch.float64, device=world.device)
-    window_counts = torch.zeros(2, dtype=torch.float64, device=world.device)  # supervised tokens, all tokens
-    window_steps = 0
-    window_start = time.perf_counter()
-    step = start_step
     try:
-        for step in range(start_step, cfg.optim.max_steps):
-            lr = lr_at(step, cfg.optim)
-            set_lr(optimizer, lr)
-            position = batches.state_dict()  # where this step's data starts: what a pre-emption save must record
-            micro_batches = [next(batches) for _ in range(plan.grad_accum)]
-            failpoint("step", step + 1)
-            heartbeat.beat(step + 1)
+        while state.step < cfg.optim.max_steps:
+            lr = lr_at(state.step, cfg.optim)
+            set_lr(run.optimizer, lr)
+            position = run.batches.state_dict()  # where this step's data starts: what a pre-emption must record
+            micro_batches = [next(run.batches) for _ in range(run.plan.grad_accum)]
+            failpoint("step", state.step + 1)
+            run.heartbeat.beat(state.step + 1)
+            counts = step_counts(run, micro_batches)
+            if counts.stop:  # every rank sees the same sum, so all stop after the same completed step
+                _preempt(run, position)
+            run.trace.write("keys", {"step": state.step + 1, "keys": [k for b in micro_batches for k in b["keys"]]})
 
-            # The step's global counts, known before any forward: the loss divisor, the throughput numerator, the
-            # samples skipped (too long) and whether any rank was told to stop, all in one all-reduce.
-            counts = torch.tensor([sum(b["loss_index"].numel() for b in micro_batches),
-                                   sum(b["n_tokens"] for b in micro_batches),
-                                   sum(b.pop("skipped") for b in micro_batches),
-                                   float(preemption.received is not None)],
-                                  dtype=torch.float64, device=world.device)
-            all_reduce_sum(counts)
-            if counts[3] > 0:  # every rank sees the same sum, so all stop after the same completed step
-                path = checkpoint(step, data_position=position, preempted=True)
-                log.warning("pre-empted (%s) after step %d: checkpoint %s; continue with run.resume=auto",
-                            preemption.name or "another rank", step, path)
-                metrics.close()
-                trace.close()
-                raise Preempted(step)
-            trace.write("keys", {"step": step + 1, "keys": [k for b in micro_batches for k in b["keys"]]})
-            global_supervised = counts[0].clamp(min=1)
-            step_loss = torch.zeros((), dtype=torch.float64, device=world.device)
-
-            for i, batch in enumerate(micro_batches):
-                # Non-final micro-batches accumulate locally; gradients are reduced over ranks once, on the last.
-                with engine.micro_step(boundary=i == plan.grad_accum - 1):
-                    with precision.autocast():
-                        loss_sum = engine(to_device(batch, world.device))
-                    if failpoint("loss", step + 1):
-                        loss_sum = loss_sum * float("nan")
-                    # Both engines average gradients over ranks; multiplying by world size turns that into a sum,
-                    # so the result is sum(loss) / global_supervised exactly.
-                    engine.backward(loss_sum * (world.size / global_supervised))
-                step_loss += loss_sum.detach()
-
-            if failpoint("grad", step + 1):
-                next(p for p in engine.params if p.grad is not None).grad.fill_(float("inf"))
-            # The step's loss over all ranks: whether it is finite is decided for all ranks at once (one rank's own
-            # loss may be finite while another's is not; under fp16 they would then disagree on what to skip).
-            all_reduce_sum(step_loss)
-            # Clip, then update unless the loss or the gradient norm is not finite: the same decision on every rank.
-            result = engine.step(step_loss)
-            grad_norm = result.grad_norm
-            done = step + 1
-            if result.applied:
-                bad_in_a_row = 0
-            elif result.overflow:
-                skipped_steps += 1  # fp16 overflow: the loss scale was lowered; normal early in a run
-            else:
-                bad_in_a_row += 1
-                skipped_steps += 1
-                log.warning("step %d: non-finite %s; update skipped (%d in a row)", done,
-                            "loss" if not result.loss_ok else "gradient norm", bad_in_a_row)
-                if bad_in_a_row >= cfg.run.max_bad_steps:
-                    path = checkpoint(done)
-                    raise VloraError(
-                        f"{bad_in_a_row} non-finite steps in a row (steps {done - bad_in_a_row + 1}-{done}): "
-                        f"stopped, checkpoint {path}; lower optim.lr, raise optim.warmup_steps or check the data, "
-                        "then resume"
-                    )
+            result, step_loss = train_step(run, micro_batches, counts.supervised)
+            state.step += 1
+            state.skipped_samples += int(counts.skipped)
+            bad_in_a_row = _count_skips(run, result, bad_in_a_row)
             if result.loss_ok:
-                window_loss += step_loss
-                window_counts += counts[:2]
-                window_steps += 1
-            skipped += counts[2]
-            metrics.tick()
-            if trace.digests:
-                with engine.full_weights():  # ZeRO-3: the whole weights, not this rank's partition
-                    trace.write("digests", {"step": done, "digest": param_digest(engine.params)})
+                window.add(step_loss, counts)
+            run.metrics.tick()
+            if run.trace.digests:
+                with run.engine.full_weights():  # ZeRO-3: the whole weights, not this rank's partition
+                    run.trace.write("digests", {"step": state.step, "digest": param_digest(run.engine.params)})
 
-            if done % cfg.run.log_every == 0 or done == cfg.optim.max_steps:
-                elapsed = time.perf_counter() - window_start
-                supervised, tokens = window_counts.tolist()
-                metrics.step({
-                    "step": done, "loss": window_loss.item() / supervised if supervised else float("nan"),
-                    "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens / elapsed,
-                    "samples_per_s": window_steps * cfg.optim.global_batch / elapsed,
-                    "peak_mem_gib": peak_memory_gib(world.device), "skipped_samples": int(skipped),
-                    "skipped_steps": skipped_steps,
-                })
-                window_loss.zero_()
-                window_counts.zero_()
-                window_steps = 0
-                window_start = time.perf_counter()
-
-            if evaluating and cfg.run.eval_every and done % cfg.run.eval_every == 0 and done != cfg.optim.max_steps:
-                val_losses[done] = evaluate(loss_fn, heldout, world, precision, engine.lockstep)
-                metrics.write({"step": done, "val_loss": val_losses[done]})
-                metrics.info(f"step {done:>5} | held-out loss {val_losses[done]:.4f}")
-            if cfg.run.save_every and done % cfg.run.save_every == 0 and done != cfg.optim.max_steps:
-                checkpoint(done)
+            last = state.step == cfg.optim.max_steps
+            if state.step % cfg.run.log_every == 0 or last:
+                _log_step(run, window, lr, result.grad_norm)
+            if cfg.data.val and cfg.run.eval_every and state.step % cfg.run.eval_every == 0 and not last:
+                _evaluate_and_log(run)
+            if cfg.run.save_every and state.step % cfg.run.save_every == 0 and not last:
+                save(run)
     except RuntimeError as e:
         # A collective that timed out (run.dist_timeout_s) or lost a peer: say which step, and which rank did not
         # get there, in one line, instead of a gloo/NCCL traceback (or a silent hang).
-        message = collective_failure(e, step=step + 1, timeout_s=cfg.run.dist_timeout_s, heartbeat=heartbeat)
+        message = collective_failure(e, step=state.step + 1, timeout_s=cfg.run.dist_timeout_s,
+                                     heartbeat=run.heartbeat)
         if message is None:
             raise
         raise VloraError(message) from None
+    finish(run)
 
-    # ---- the end: evaluate, save, report ----
-    last_step = cfg.optim.max_steps
-    if evaluating:
-        val_losses[last_step] = evaluate(loss_fn, heldout, world, precision, engine.lockstep)
-        metrics.write({"step": last_step, "val_loss": val_losses[last_step]})
-    checkpoint(last_step)
-    preemption.restore()
-    adapter_dir = run_dir / "adapter"
-    engine.export_adapter(peft_model, adapter_dir)  # collective under ZeRO-3: gathered to rank 0
+
+class Window:
+    """Sums since the last log line, kept on the device: reading them syncs, so only on log steps."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.supervised = self.tokens = 0.0
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, step_loss: torch.Tensor, counts: StepCounts) -> None:
+        self.loss += step_loss
+        self.supervised += counts.supervised
+        self.tokens += counts.tokens
+        self.steps += 1
+
+
+def _log_step(run: Run, window: Window, lr: float, grad_norm: torch.Tensor) -> None:
+    elapsed = time.perf_counter() - window.started
+    run.metrics.step({
+        "step": run.state.step, "loss": window.loss.item() / window.supervised if window.supervised else float("nan"),
+        "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": window.tokens / elapsed,
+        "samples_per_s": window.steps * run.cfg.optim.global_batch / elapsed,
+        "peak_mem_gib": peak_memory_gib(run.world.device), "skipped_samples": run.state.skipped_samples,
+        "skipped_steps": run.state.skipped_steps,
+    })
+    window.reset()
+
+
+def _count_skips(run: Run, result, bad_in_a_row: int) -> int:
+    """Count a skipped step; stop the run (with a checkpoint) after run.max_bad_steps non-finite ones in a row."""
+    done = run.state.step
+    if result.applied:
+        return 0
+    run.state.skipped_steps += 1
+    if result.overflow:  # fp16 overflow: the loss scale was lowered; normal early in a run
+        return bad_in_a_row
+    bad_in_a_row += 1
+    log.warning("step %d: non-finite %s; update skipped (%d in a row)", done,
+                "loss" if not result.loss_ok else "gradient norm", bad_in_a_row)
+    if bad_in_a_row >= run.cfg.run.max_bad_steps:
+        path = save(run)
+        raise VloraError(f"{bad_in_a_row} non-finite steps in a row (steps {done - bad_in_a_row + 1}-{done}): "
+                         f"stopped, checkpoint {path}; lower optim.lr, raise optim.warmup_steps or check the data, "
+                         "then resume")
+    return bad_in_a_row
+
+
+def _evaluate_and_log(run: Run) -> None:
+    step = run.state.step
+    run.val_losses[step] = evaluate(run.loss_fn, run.heldout, run.world, run.precision, run.engine.lockstep)
+    run.metrics.write({"step": step, "val_loss": run.val_losses[step]})
+    if step < run.cfg.optim.max_steps:
+        run.metrics.info(f"step {step:>5} | held-out loss {run.val_losses[step]:.4f}")
+
+
+def save(run: Run, data_position: dict | None = None, preempted: bool = False) -> Path:
+    """Collective: a checkpoint of the run at its current step (a step this run holds already is reused)."""
+    from vlora.checkpoint import save_checkpoint
+
+    run.state.data = data_position or run.batches.state_dict()
+    path = save_checkpoint(run.dir, run.state, world=run.world, peft_model=run.model, engine=run.engine,
+                           keep_last=run.cfg.run.keep_last, config_text=(run.dir / "config.yaml").read_text(),
+                           reuse=run.state.step == run.saved_step, preempted=preempted)
+    run.saved_step = run.state.step
+    return path
+
+
+def _preempt(run: Run, position: dict) -> None:
+    """Save the state before this step (its data not consumed), mark the run pre-empted, and stop."""
+    path = save(run, data_position=position, preempted=True)
+    log.warning("pre-empted (%s) after step %d: checkpoint %s; continue with run.resume=auto",
+                run.preemption.name or "another rank", run.state.step, path)
+    raise Preempted(run.state.step)
+
+
+def finish(run: Run) -> None:
+    """The end: the last evaluation, the last checkpoint, the adapter (with the processor) for inference."""
+    cfg, world = run.cfg, run.world
+    last = cfg.optim.max_steps
+    if cfg.data.val:
+        _evaluate_and_log(run)
+    save(run)
+    run.preemption.restore()
+    adapter_dir = run.dir / "adapter"
+    run.engine.export_adapter(run.model, adapter_dir)  # collective under ZeRO-3: gathered to rank 0
     if world.is_main:
-        processor.save_pretrained(str(adapter_dir))  # the adapter folder is self-contained for inference
-        (run_dir / "PREEMPTED").unlink(missing_ok=True)
+        run.processor.save_pretrained(str(adapter_dir))  # the adapter folder is self-contained for inference
+        (run.dir / "PREEMPTED").unlink(missing_ok=True)
     barrier()
-    metrics.close()
-    trace.close()
-    engine.close()
     if world.is_main and cfg.run.plot:
-        plot_curves(run_dir)
-    result = {"val_losses": val_losses, "adapter_dir": adapter_dir, "skipped_samples": int(skipped),
-              "peft_model": peft_model, "collator": collator, "world": world}
-    if world.is_main and 0 in val_losses:
-        print(f"held-out loss: {val_losses[0]:.4f} at step 0 -> {val_losses[last_step]:.4f} at step {last_step}",
+        run.metrics.close()  # flushed before it is read
+        plot_curves(run.dir)
+    if world.is_main and 0 in run.val_losses:
+        print(f"held-out loss: {run.val_losses[0]:.4f} at step 0 -> {run.val_losses[last]:.4f} at step {last}",
               flush=True)
     if world.is_main:
         print(f"adapter saved to {adapter_dir}", flush=True)
-    return result
+
+
+def train(cfg: Config, plan: Plan) -> None:
+    """Train under the current process group (or alone): build, fit, finish; everything opened is closed on every
+    way out (success, pre-emption, bad steps, a failed collective)."""
+    with contextlib.ExitStack() as resources:
+        fit(build(cfg, plan, resources))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -359,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     started = False
     try:
         cfg = load_config(args.config, args.overrides)
-        plan = validate(cfg, world_size_from_env())  # before any model loads or process group forms
+        plan = preflight(cfg, world_size_from_env())  # before any model loads or process group forms
         started = True
         train(cfg, plan)
     except Preempted:

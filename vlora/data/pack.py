@@ -585,6 +585,12 @@ def _count_records(files: list[Path]) -> int | None:
     return total
 
 
+# A run's default resize limits (data.min_pixels / data.max_pixels in vlora.config, which the data package may not
+# import: data takes plain arguments). tests/test_config.py holds the two pairs equal.
+DEFAULT_MIN_PIXELS = QWEN_FACTOR * QWEN_FACTOR * 4  # 3136: 4 image tokens
+DEFAULT_MAX_PIXELS = QWEN_FACTOR * QWEN_FACTOR * 256  # 200704: 256 image tokens
+
+
 def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int = 1000, workers: int = 1,
          max_image_pixels: int = PIL_MAX_IMAGE_PIXELS, max_tokens: int | None = None, model=None,
          min_pixels: int | None = None, max_pixels: int | None = None, progress: bool = False,
@@ -606,32 +612,13 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
     if shard_size < 1 or workers < 1 or max_image_pixels < 1 or max_image_bytes < 1:
         raise VloraError(f"shard_size, workers, max_image_pixels and max_image_bytes must be at least 1, "
                          f"got {shard_size}, {workers}, {max_image_pixels}, {max_image_bytes}")
-    from vlora.config import DataArgs
-
-    min_pixels = DataArgs.min_pixels if min_pixels is None else min_pixels
-    max_pixels = DataArgs.max_pixels if max_pixels is None else max_pixels
-    if not 0 < min_pixels <= max_pixels:
-        raise VloraError(f"need 0 < --min-pixels <= --max-pixels, got {min_pixels} and {max_pixels}")
-    counter = None
-    if max_tokens is not None:
-        if model is None or not (Path(model) / "config.json").is_file():
-            raise VloraError(f"--max-tokens needs --model, a local Qwen2.5-VL folder (with config.json); got {model}")
-        counter = TokenCounter(str(model), min_pixels=min_pixels, max_pixels=max_pixels)
-    checker = Checker(max_image_pixels=max_image_pixels, min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=max_tokens,
-                      counter=counter, max_image_bytes=max_image_bytes)
-
+    min_pixels = DEFAULT_MIN_PIXELS if min_pixels is None else min_pixels
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    checker = _make_checker(max_image_pixels, max_image_bytes, min_pixels, max_pixels, max_tokens, model)
     if not src.exists():
         raise VloraError(f"{src}: annotation file not found; check the path")
     _check_not_inside(out_abs, src=src, image_root=image_root)
-    files, skipped = annotation_files(src, out_abs)
-    # Names relative to src, not full paths: the same data packed from elsewhere gives the same bytes.
-    names = [p.name if p == src else p.relative_to(src).as_posix() for p in files]
-    entries = [(n, n.rsplit(".", 1)[0], p) for n, p in zip(names, files)]
-    if not src.is_dir():  # one file: its format errors come before anything is written
-        opened = read_annotations(src, image_root=image_root, fmt=fmt, confine=confine)
-        open_file = lambda path: opened  # noqa: E731
-    else:  # a folder: files are opened (and JSON arrays parsed) one at a time, as the records are needed
-        open_file = lambda path: read_annotations(path, image_root=image_root, fmt=fmt, confine=confine)  # noqa: E731
+    files, entries, open_file, skipped = _sources(src, out_abs, image_root=image_root, fmt=fmt, confine=confine)
     _check_out(out)
     out_abs.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_abs.with_name(f".{out_abs.name}.tmp-{os.getpid()}")
@@ -641,9 +628,7 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
     s = PackSummary(src=str(src), out=str(out), shard_size=shard_size, skipped=skipped)
     stats: list[dict] = []  # one entry per annotation file read, filled as the files are opened
     # Ids are often unique per file only: in a folder, keys are scoped by file so two files cannot collide.
-    scoped = src.is_dir()
-    rejects, keys = [], {}
-    writer = _ShardWriter(tmp, shard_size)
+    taker = _Taker(s, _ShardWriter(tmp, shard_size), scoped=src.is_dir(), max_image_bytes=max_image_bytes)
     bar = None
     pil_limit = Image.MAX_IMAGE_PIXELS
     try:
@@ -653,66 +638,21 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
             bar = tqdm(total=_count_records(files), unit="sample", desc="pack", dynamic_ncols=True)
         records = _records(entries, open_file, stats, s.skipped, in_folder=src.is_dir())
         for (name, stem, rec), result in _checked(records, checker, workers):
-            s.read += 1
             if bar is not None:
                 bar.update()
-            line = {"line": rec.line} if rec.line else {}  # JSON Lines only
-            try:
-                if rec.error:
-                    raise rec.error
-                if isinstance(result, RecordError):
-                    raise result
-                entry, sizes = _shard_entry(rec.sample["images"], result, max_image_bytes)
-                key = sample_key(rec.raw, stem, rec.index, scoped=scoped)
-                if key in keys:
-                    raise RecordError("duplicate_key", f"key {key!r} already used by {keys[key]}; give records unique ids")
-                keys[key] = f"{name} record {rec.index}"
-            except RecordError as e:
-                s.rejected += 1
-                s.rejects_by_reason[e.reason] = s.rejects_by_reason.get(e.reason, 0) + 1
-                reject = {"source": name, "index": rec.index, **line, "reason": e.reason, "detail": e.detail}
-                rejects.append(_dumps(reject) + b"\n")
-                if len(s.first_rejects) < SHOWN_REJECTS:
-                    s.first_rejects.append(reject)
-                continue
-            parts = [p for m in rec.sample["messages"] for p in m["content"] if p["type"] == "image"]
-            floors = [max_pixels_floor(p, z["width"], z["height"]) for p, z in zip(parts, sizes)]
-            s.max_pixels_floor = max([s.max_pixels_floor, *floors])
-            meta = {"messages": rec.sample["messages"], "source": {"file": name, "index": rec.index, **line}, "images": sizes}
-            writer.write({"__key__": key, "json": _dumps(meta), **entry})
-            s.written += 1
+            taker.take(name, stem, rec, result)
         if not stats:
             raise VloraError(f"{src}: no annotation file in this folder matches a known format (skipped {'; '.join(s.skipped)})")
-        shards = writer.close()
-        (tmp / REJECTS).write_bytes(b"".join(rejects))
-        s.shards = len(shards)
-        s.last_shard = shards[-1]["samples"] if shards else 0
-        s.rejects_by_reason = dict(sorted(s.rejects_by_reason.items()))
-        s.paths_resolved_by_suffix = sum(st["paths_resolved_by_suffix"] for st in stats)
-        assert s.read == s.written + s.rejected == sum(st["records"] for st in stats)
-        for st in stats:
-            st["sha256"] = _sha256_file(st.pop("path"))
-        manifest = {
-            "format": FORMAT,
-            "samples": s.written,
-            "read": s.read,
-            "rejected": s.rejected,
-            "rejects_by_reason": s.rejects_by_reason,
-            "paths_resolved_by_suffix": s.paths_resolved_by_suffix,
-            "shards": shards,
-            "sources": stats,
-            "skipped": s.skipped,
-            # max_pixels_floor: a training run's data.max_pixels below it could resize an image here to a zero side
-            # (config.validate refuses that); it may lie far below max_pixels, which the images were checked at.
-            "checks": {"max_image_pixels": max_image_pixels, "max_image_bytes": max_image_bytes, "confine": confine,
-                       "max_aspect_ratio": MAX_ASPECT_RATIO, "min_pixels": min_pixels, "max_pixels": max_pixels,
-                       "max_pixels_floor": s.max_pixels_floor}
-                      | ({"max_tokens": max_tokens, "model": str(model)} if counter else {}),
-        }
-        write_manifest(tmp, manifest)
+        shards = taker.writer.close()
+        (tmp / REJECTS).write_bytes(b"".join(taker.rejects))
+        checks = {"max_image_pixels": max_image_pixels, "max_image_bytes": max_image_bytes, "confine": confine,
+                  "max_aspect_ratio": MAX_ASPECT_RATIO, "min_pixels": min_pixels, "max_pixels": max_pixels}
+        if checker.counter:
+            checks["max_tokens_and_model"] = (max_tokens, str(model))
+        write_manifest(tmp, _manifest(s, stats, shards, checks))
         _swap_in(tmp, out_abs)
     except BaseException:
-        writer.abort()
+        taker.writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
@@ -721,4 +661,97 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
             bar.close()
     s.seconds = time.perf_counter() - t0
     return s
+
+
+def _make_checker(max_image_pixels: int, max_image_bytes: int, min_pixels: int, max_pixels: int,
+             max_tokens: int | None, model) -> Checker:
+    if not 0 < min_pixels <= max_pixels:
+        raise VloraError(f"need 0 < --min-pixels <= --max-pixels, got {min_pixels} and {max_pixels}")
+    counter = None
+    if max_tokens is not None:
+        if model is None or not (Path(model) / "config.json").is_file():
+            raise VloraError(f"--max-tokens needs --model, a local Qwen2.5-VL folder (with config.json); got {model}")
+        counter = TokenCounter(str(model), min_pixels=min_pixels, max_pixels=max_pixels)
+    return Checker(max_image_pixels=max_image_pixels, min_pixels=min_pixels, max_pixels=max_pixels,
+                   max_tokens=max_tokens, counter=counter, max_image_bytes=max_image_bytes)
+
+
+def _sources(src: Path, out_abs: Path, *, image_root, fmt: str | None, confine: bool):
+    """(annotation files, (name, stem, path) entries, a function opening one file's records, skipped files)."""
+    files, skipped = annotation_files(src, out_abs)
+    # Names relative to src, not full paths: the same data packed from elsewhere gives the same bytes.
+    names = [p.name if p == src else p.relative_to(src).as_posix() for p in files]
+    entries = [(n, n.rsplit(".", 1)[0], p) for n, p in zip(names, files)]
+    if not src.is_dir():  # one file: its format errors come before anything is written
+        opened = read_annotations(src, image_root=image_root, fmt=fmt, confine=confine)
+        return files, entries, lambda path: opened, skipped
+    # a folder: files are opened (and JSON arrays parsed) one at a time, as the records are needed
+    return files, entries, lambda path: read_annotations(path, image_root=image_root, fmt=fmt, confine=confine), \
+        skipped
+
+
+class _Taker:
+    """Takes each checked record: a shard sample, or a reject (counted by reason, listed in rejects.jsonl)."""
+
+    def __init__(self, summary: PackSummary, writer, *, scoped: bool, max_image_bytes: int):
+        self.s, self.writer, self.scoped, self.max_image_bytes = summary, writer, scoped, max_image_bytes
+        self.rejects: list[bytes] = []
+        self.keys: dict[str, str] = {}
+
+    def take(self, name: str, stem: str, rec, result) -> None:
+        s = self.s
+        s.read += 1
+        line = {"line": rec.line} if rec.line else {}  # JSON Lines only
+        try:
+            if rec.error:
+                raise rec.error
+            if isinstance(result, RecordError):
+                raise result
+            entry, sizes = _shard_entry(rec.sample["images"], result, self.max_image_bytes)
+            key = sample_key(rec.raw, stem, rec.index, scoped=self.scoped)
+            if key in self.keys:
+                raise RecordError("duplicate_key", f"key {key!r} already used by {self.keys[key]}; give records unique ids")
+            self.keys[key] = f"{name} record {rec.index}"
+        except RecordError as e:
+            s.rejected += 1
+            s.rejects_by_reason[e.reason] = s.rejects_by_reason.get(e.reason, 0) + 1
+            reject = {"source": name, "index": rec.index, **line, "reason": e.reason, "detail": e.detail}
+            self.rejects.append(_dumps(reject) + b"\n")
+            if len(s.first_rejects) < SHOWN_REJECTS:
+                s.first_rejects.append(reject)
+            return
+        parts = [p for m in rec.sample["messages"] for p in m["content"] if p["type"] == "image"]
+        floors = [max_pixels_floor(p, z["width"], z["height"]) for p, z in zip(parts, sizes)]
+        s.max_pixels_floor = max([s.max_pixels_floor, *floors])
+        meta = {"messages": rec.sample["messages"], "source": {"file": name, "index": rec.index, **line}, "images": sizes}
+        self.writer.write({"__key__": key, "json": _dumps(meta), **entry})
+        s.written += 1
+
+
+def _manifest(s: PackSummary, stats: list[dict], shards: list[dict], checks: dict) -> dict:
+    """The manifest of a finished pack (and the summary's last counts); the counts must balance."""
+    s.shards = len(shards)
+    s.last_shard = shards[-1]["samples"] if shards else 0
+    s.rejects_by_reason = dict(sorted(s.rejects_by_reason.items()))
+    s.paths_resolved_by_suffix = sum(st["paths_resolved_by_suffix"] for st in stats)
+    assert s.read == s.written + s.rejected == sum(st["records"] for st in stats)
+    for st in stats:
+        st["sha256"] = _sha256_file(st.pop("path"))
+    tokens = checks.pop("max_tokens_and_model", None)
+    return {
+        "format": FORMAT,
+        "samples": s.written,
+        "read": s.read,
+        "rejected": s.rejected,
+        "rejects_by_reason": s.rejects_by_reason,
+        "paths_resolved_by_suffix": s.paths_resolved_by_suffix,
+        "shards": shards,
+        "sources": stats,
+        "skipped": s.skipped,
+        # max_pixels_floor: a training run's data.max_pixels below it could resize an image here to a zero side
+        # (preflight's check_packed_pixels refuses that); it may lie far below max_pixels, which the images were
+        # checked at.
+        "checks": {**checks, "max_pixels_floor": s.max_pixels_floor}
+                  | ({"max_tokens": tokens[0], "model": tokens[1]} if tokens else {}),
+    }
 
