@@ -55,7 +55,7 @@ class OptimizerOnly:
 
 
 def _save(run_dir: Path, step: int, keep_last: int = 2, **kwargs) -> Path:
-    from vlora.train import TrainState
+    from vlora.checkpoint import TrainState
 
     return save_checkpoint(run_dir, TrainState(step=step, data={"step": step}), world=WORLD, peft_model=None,
                            engine=OptimizerOnly(), keep_last=keep_last, **kwargs)
@@ -349,7 +349,7 @@ def test_every_file_a_resume_reads_refuses_a_planted_pickle(tiny_model_dir, demo
     from vlora.engine import Engine
     from vlora.model import SupervisedLoss
     from vlora.optim import build_optimizer, resolve_precision
-    from vlora.train import TrainState
+    from vlora.checkpoint import TrainState
 
     overrides = {"optim.max_steps": 2, "optim.global_batch": 2, "optim.micro_batch": 2, "data.val": "",
                  "run.plot": "false"}

@@ -353,9 +353,9 @@ def test_zero3_lockstep_evaluation_with_uneven_heldout_shares_counts_each_batch_
     resumed = val_losses(runs("zero3_resumed")[0])
     assert resumed == {STEPS: ours[STEPS]}  # from the checkpoint: the same final weights, the same evaluation
 
-    loss_fn = SupervisedLoss(run_model(zero3)).eval()
+    loss_model = SupervisedLoss(run_model(zero3)).eval()
     with torch.no_grad():
-        sums = [(loss_fn(b).double().item(), b["loss_index"].numel()) for batches in heldout for b in batches]
+        sums = [(loss_model(b).double().item(), b["loss_index"].numel()) for batches in heldout for b in batches]
     once = sum(l for l, _ in sums) / sum(n for _, n in sums)
     repeated = (sum(l for l, _ in sums) + sums[-1][0]) / (sum(n for _, n in sums) + sums[-1][1])
     assert ours[0] == pytest.approx(once, rel=1e-5), (ours[0], once)

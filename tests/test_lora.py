@@ -100,15 +100,15 @@ def test_dora_on_4bit_and_full_precision_layers_trains_its_magnitudes(tiny_model
     assert all(m.use_dora["default"] for m in modules.values())
     magnitudes = {n: p for n, p in trainable(model).items() if "lora_magnitude_vector" in n}
     assert len(magnitudes) == len(modules) and all(p.ndim == 1 for p in magnitudes.values())
-    loss_fn = SupervisedLoss(model)
-    loss, grads = check_all_trainable_get_grads(loss_fn, image_batch)
+    loss_model = SupervisedLoss(model)
+    loss, grads = check_all_trainable_get_grads(loss_model, image_batch)
     before = {n: p.detach().clone() for n, p in magnitudes.items()}
     opt = build_optimizer(model, OptimArgs(lr=1e-2, warmup_steps=0), torch.device("cpu"))
     set_lr(opt, 1e-2)
-    loss_fn(image_batch).backward()
+    loss_model(image_batch).backward()
     opt.step()
     assert all(not torch.equal(before[n], p) for n, p in magnitudes.items())
-    assert loss_fn(image_batch).item() < loss.item()
+    assert loss_model(image_batch).item() < loss.item()
 
 
 def test_optimizer_groups_carry_component_lr_and_no_decay_on_vectors(tiny_model_dir):
@@ -248,13 +248,13 @@ def test_gradient_checkpointing_gives_every_group_the_same_loss_and_gradients(ti
 
     hooks = [base.model.visual.blocks[0].attn.qkv.register_forward_hook(counter("vision")),
              base.model.language_model.layers[0].mlp.up_proj.register_forward_hook(counter("llm"))]
-    loss_fn = SupervisedLoss(model)
+    loss_model = SupervisedLoss(model)
     torch.manual_seed(1)
-    loss_ckpt, grads_ckpt = check_all_trainable_get_grads(loss_fn, image_batch)
+    loss_ckpt, grads_ckpt = check_all_trainable_get_grads(loss_model, image_batch)
     assert calls == {"vision": 2, "llm": 2}  # forward + recompute in backward: checkpointing is really on
     set_gradient_checkpointing(base, False)
     torch.manual_seed(1)
-    loss, grads = check_all_trainable_get_grads(loss_fn, image_batch)
+    loss, grads = check_all_trainable_get_grads(loss_model, image_batch)
     assert calls == {"vision": 3, "llm": 3}
     for h in hooks:
         h.remove()
@@ -277,13 +277,13 @@ def test_quantization_modes_load_and_train_a_step(tiny_model_dir, image_batch, o
     assert not any(".merger." in n for n in four) and base.lm_head.weight.dtype == torch.float32
     if "model.quant=fp4" in overrides:
         assert {m.weight.quant_type for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)} == {"fp4"}
-    loss_fn = SupervisedLoss(model)
+    loss_model = SupervisedLoss(model)
     opt = build_optimizer(model, OptimArgs(lr=1e-2, warmup_steps=0), torch.device("cpu"))
     set_lr(opt, 1e-2)
-    loss, _ = check_all_trainable_get_grads(loss_fn, image_batch)
-    loss_fn(image_batch).backward()
+    loss, _ = check_all_trainable_get_grads(loss_model, image_batch)
+    loss_model(image_batch).backward()
     opt.step()
-    assert loss_fn(image_batch).item() < loss.item()
+    assert loss_model(image_batch).item() < loss.item()
 
 
 def test_bf16_compute_keeps_the_fully_trained_merger_in_fp32(tiny_model_dir, image_batch):

@@ -67,16 +67,16 @@ def test_text_only_batch_still_reaches_every_trainable_weight(peft_model, collat
     """A rank whose batch has no image must produce the same set of gradients as one that has (DDP, ZeRO)."""
     batch = collator.collate([collator.encode(text_sample("a", "Blue.")), collator.encode(text_sample("b", "Grey."))])
     assert "pixel_values" not in batch
-    loss_fn = SupervisedLoss(peft_model)
-    assert loss_fn.vision_trains
+    loss_model = SupervisedLoss(peft_model)
+    assert loss_model.vision_trains
     peft_model.zero_grad(set_to_none=True)
-    loss = loss_fn(batch)
+    loss = loss_model(batch)
     loss.backward()
     grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
     assert all(g is not None for g in grads.values())
     merger = [g for n, g in grads.items() if ".merger." in n]
     assert merger and all(torch.count_nonzero(g) == 0 for g in merger)  # reached, but the loss is unchanged
     assert any(torch.count_nonzero(g) > 0 for n, g in grads.items() if ".language_model." in n)
-    loss_fn.vision_trains = False
-    assert loss_fn(batch).item() == loss.item()
+    loss_model.vision_trains = False
+    assert loss_model(batch).item() == loss.item()
     peft_model.zero_grad(set_to_none=True)

@@ -144,11 +144,11 @@ def _supervised_logits(logits, batch, spans=None):
 
 def test_packed_loss_logits_and_gradients_equal_padded(batches, peft_model):
     padded, packed = batches
-    loss_fn = SupervisedLoss(peft_model)
+    loss_model = SupervisedLoss(peft_model)
     results = []
     for batch in (padded, packed):
         peft_model.zero_grad(set_to_none=True)
-        loss = loss_fn(batch)
+        loss = loss_model(batch)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
         results.append((loss.detach(), grads))
@@ -169,8 +169,8 @@ def test_attention_leaking_across_samples_would_change_the_loss(batches, peft_mo
     """The equality above can fail: with a plain causal mask over the whole row (what an attention_mask of ones
     gives), later samples see earlier ones and the loss moves."""
     padded, packed = batches
-    loss_fn = SupervisedLoss(peft_model)
+    loss_model = SupervisedLoss(peft_model)
     with torch.no_grad():
-        ref = loss_fn(padded).item()
-        leaky = loss_fn({**packed, "attention_mask": torch.ones_like(packed["input_ids"])}).item()
+        ref = loss_model(padded).item()
+        leaky = loss_model({**packed, "attention_mask": torch.ones_like(packed["input_ids"])}).item()
     assert abs(leaky - ref) > 1e-3 * ref

@@ -14,7 +14,7 @@ from torch.utils.data import get_worker_info
 
 from vlora.data import stream
 from vlora.data.manifest import read_manifest, shard_paths
-from vlora.data.stream import (Source, TrainStream, check_enough_shards, check_sources, heldout_batches,
+from vlora.data.stream import (ShardSet, TrainStream, check_enough_shards, check_sources, heldout_batches,
                                parse_sources, reader_shards, train_loader)
 from vlora.errors import VloraError
 
@@ -250,13 +250,13 @@ def test_resume_onto_a_folder_repacked_with_other_data_is_refused(demo_src, tmp_
     state = json.loads(json.dumps(loader.state_dict()))
     loader.close()
     content = state["sources"][0]["content"]
-    assert len(content) == 16 and content == Source.load(str(folder)).content
+    assert len(content) == 16 and content == ShardSet.load(str(folder)).content
     pack(demo_src / "val.jsonl", folder, shard_size=32)  # a repack of the same data: the same bytes, resumable
     _loader([(str(folder), 1)], state=state).close()
     other = tmp_path / "other.jsonl"
     other.write_text("".join((demo_src / "train.jsonl").read_text().splitlines(keepends=True)[:64]))
     pack(other, folder, shard_size=32, image_root=demo_src)  # 2 shards of 32 again, other samples
-    assert Source.load(str(folder)).sizes == (32, 32)
+    assert ShardSet.load(str(folder)).sizes == (32, 32)
     with pytest.raises(VloraError) as e:
         _loader([(str(folder), 1)], state=state)
     msg = str(e.value)
@@ -287,11 +287,11 @@ def test_uneven_reader_shares_are_warned_about_at_start(train_dir, vqa_dir, demo
     from vlora.data.pack import pack
 
     # 8 shards of 32 over 2 x 2 readers: 64 each, every epoch.
-    assert stream.reader_shares(Source.load(train_dir).sizes, seed=0, dataset=0, world_size=2, workers=2) == [[64] * 4] * 4
+    assert stream.reader_shares(ShardSet.load(train_dir).sizes, seed=0, dataset=0, world_size=2, workers=2) == [[64] * 4] * 4
     _loader([(train_dir, 1)], world=2, workers=2).close()
     assert warnings_logged == []
     # 4 shards of 16 over 3 readers: one reader gets 2 shards every epoch, its samples are seen half as often.
-    shares = stream.reader_shares(Source.load(vqa_dir).sizes, seed=0, dataset=0, world_size=1, workers=3)
+    shares = stream.reader_shares(ShardSet.load(vqa_dir).sizes, seed=0, dataset=0, world_size=1, workers=3)
     assert [sorted(e) for e in shares] == [[16, 16, 32]] * 4
     _loader([(vqa_dir, 1)], rank=1, world=1, workers=3).close()  # only rank 0 says it
     _loader([(vqa_dir, 1)], world=1, workers=3).close()
@@ -300,10 +300,10 @@ def test_uneven_reader_shares_are_warned_about_at_start(train_dir, vqa_dir, demo
                           "samples each; ") and "up to 2.00x as often" in msg and "vlora pack --shard-size" in msg
     # A short last shard: 24 + 24 + 16 over 3 readers.
     pack(demo_src / "val.jsonl", tmp_path / "short", shard_size=24)
-    assert stream.warn_if_unbalanced(Source.load(str(tmp_path / "short")), 0, seed=0, world_size=1, workers=3) is not None
+    assert stream.warn_if_unbalanced(ShardSet.load(str(tmp_path / "short")), 0, seed=0, world_size=1, workers=3) is not None
     assert "16 to 24 samples each" in warnings_logged[-1]
     # Within 10 %: quiet (7 shards of 19 and one of 18, over 8 readers).
-    assert stream.warn_if_unbalanced(Source("x", ("u",) * 8, (19,) * 7 + (18,)), 0, seed=0, world_size=2, workers=4) is None
+    assert stream.warn_if_unbalanced(ShardSet("x", ("u",) * 8, (19,) * 7 + (18,)), 0, seed=0, world_size=2, workers=4) is None
 
 
 # --- what each epoch reads ------------------------------------------------------------------------
@@ -454,8 +454,8 @@ def test_train_loader_refuses_too_few_shards_per_data_set(train_dir, vqa_dir):
 
 
 def test_a_shard_shorter_than_its_manifest_is_named(train_dir):
-    src = Source.load(train_dir)
-    longer = Source(src.folder, src.urls, (PER_SHARD + 1, *src.sizes[1:]))
+    src = ShardSet.load(train_dir)
+    longer = ShardSet(src.folder, src.urls, (PER_SHARD + 1, *src.sizes[1:]))
     ts = TrainStream([longer], rank=0, world_size=1, num_workers=0, seed=0, micro_batch=1, encode=_encode,
                      collate=_collate, open_shards=1)
     with pytest.raises(VloraError, match=r"shard-000000.tar ends early: its manifest.json lists 33"):

@@ -42,6 +42,8 @@ import re
 import shutil
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -57,6 +59,31 @@ TMP_PREFIX = ".tmp-"  # a checkpoint being assembled
 
 
 DEEPSPEED_DIR = "deepspeed"  # engine deepspeed: DeepSpeed's own files in a checkpoint (its "tag")
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: what a checkpoint records beside the weights and the engine's state.
+
+    `step`, `skipped_samples` and `skipped_steps` are the same on every rank (train_state.json); `data` (this rank's
+    stream position) and `rng` (this rank's RNG states) are per rank.
+    """
+
+    step: int = 0  # optimizer steps done
+    skipped_samples: int = 0  # over data.max_length, all ranks together
+    skipped_steps: int = 0  # non-finite or fp16-overflow steps whose update was not applied
+    data: dict | None = None
+    rng: dict | None = None
+
+    COUNTERS = ("step", "skipped_samples", "skipped_steps")
+
+    def state_dict(self) -> dict:
+        """The part every rank shares."""
+        return {k: getattr(self, k) for k in self.COUNTERS}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self.COUNTERS:
+            setattr(self, k, int(state.get(k, 0)))
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -259,9 +286,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, state, *, world: World, peft_model, engine, keep_last: int,
+def save_checkpoint(run_dir: Path, state: TrainState, *, world: World, peft_model, engine, keep_last: int,
                     config_text: str = "", reuse: bool = False, preempted: bool = False) -> Path:
-    """Collective: a checkpoint of `state` (vlora.train.TrainState) at `state.step`. Every rank writes its own
+    """Collective: a checkpoint of `state` at `state.step`. Every rank writes its own
     files (its data position `state.data`, its RNG states as they are now, its share of the engine's state), rank 0
     the shared part (the adapter, the counters, the config); then rank 0 publishes the folder.
 
@@ -331,9 +358,9 @@ def _finish(run_dir: Path, step: int, preempted: bool) -> None:
     failpoint("save:end", step)
 
 
-def load_checkpoint(path: Path, state, *, world: World, peft_model, engine) -> None:
+def load_checkpoint(path: Path, state: TrainState, *, world: World, peft_model, engine) -> None:
     """Restore the trained weights and the engine's state (optimizer, grad scaler) in place, and `state`
-    (vlora.train.TrainState: counters, this rank's data position and RNG states). The caller sets the RNG states
+    (counters, this rank's data position and RNG states). The caller sets the RNG states
     just before the first step: building data loaders draws from them."""
     from peft import set_peft_model_state_dict
 

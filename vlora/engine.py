@@ -83,22 +83,22 @@ class Engine:
         """The context the model is built in."""
         return contextlib.nullcontext()
 
-    def prepare(self, loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def prepare(self, loss_model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Wrap the loss module (whose trainable parameters are exactly the optimizer's) for training."""
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        self.module, self.optimizer = loss_fn, optimizer
-        self.params = [p for p in loss_fn.parameters() if p.requires_grad]
+        self.module, self.optimizer = loss_model, optimizer
+        self.params = [p for p in loss_model.parameters() if p.requires_grad]
         self.scaler = self.precision.grad_scaler()
-        self.net = loss_fn
+        self.net = loss_model
         if self.world.distributed:
             # DDP would broadcast every frozen weight from rank 0 at start (the whole 4-bit base, across nodes) and
             # the constant buffers at every step; all ranks load them identically, so only what trains is its
             # business (ignored buffers are never broadcast).
-            frozen = [n for n, p in loss_fn.named_parameters() if not p.requires_grad]
-            DDP._set_params_and_buffers_to_ignore_for_model(loss_fn, frozen + [n for n, _ in loss_fn.named_buffers()])
+            frozen = [n for n, p in loss_model.named_parameters() if not p.requires_grad]
+            DDP._set_params_and_buffers_to_ignore_for_model(loss_model, frozen + [n for n, _ in loss_model.named_buffers()])
             device = self.world.device
-            self.net = DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None,
+            self.net = DDP(loss_model, device_ids=[device.index] if device.type == "cuda" else None,
                            gradient_as_bucket_view=True)
 
     # ---- one step ----
@@ -323,7 +323,7 @@ class DeepSpeedEngine(Engine):
             self._hf_config = HfDeepSpeedConfig(self.config)
         yield
 
-    def prepare(self, loss_fn, optimizer):
+    def prepare(self, loss_model, optimizer):
         import deepspeed
         from deepspeed.utils import logger as ds_logger
 
@@ -337,16 +337,16 @@ class DeepSpeedEngine(Engine):
             if hasattr(ds_comm, "build_shm_op"):
                 ds_comm.build_shm_op = lambda: None
         os.environ.setdefault("LOCAL_RANK", str(self.world.local_rank))  # DeepSpeed asks; unset without torchrun
-        self.module, self.optimizer = loss_fn, optimizer
-        self.params = [p for p in loss_fn.parameters() if p.requires_grad]
-        self.trained_names = [n for n, p in loss_fn.named_parameters() if p.requires_grad]
+        self.module, self.optimizer = loss_model, optimizer
+        self.params = [p for p in loss_model.parameters() if p.requires_grad]
+        self.trained_names = [n for n, p in loss_model.named_parameters() if p.requires_grad]
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision.name)
         if dtype is not None and self._hf_config is not None:
             # DeepSpeed casts the weights of a model it partitions itself to bf16/fp16 (its master copies stay
             # fp32), but not those of a model created under zero.Init: the LoRA weights peft added afterwards.
             for p in self.params:
                 p.data = p.data.to(dtype)
-        self.ds, *_ = deepspeed.initialize(model=loss_fn, optimizer=optimizer, config=self.config,
+        self.ds, *_ = deepspeed.initialize(model=loss_model, optimizer=optimizer, config=self.config,
                                            dist_init_required=False)
         # DeepSpeed saves the module's whole state dict (exclude_frozen_parameters drops frozen weights but keeps
         # the 4-bit layers' quant-state entries, which its loader then rejects): keep only what trains.

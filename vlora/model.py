@@ -302,7 +302,7 @@ def build_model(cfg: Config, device: torch.device, compute_dtype: torch.dtype,
     return model
 
 
-def check_all_trainable_get_grads(loss_fn: nn.Module, batch: dict[str, torch.Tensor]):
+def check_all_trainable_get_grads(loss_model: nn.Module, batch: dict[str, torch.Tensor]):
     """One forward and backward; return (loss, {name: grad}) or raise VloraError naming the trainable parameters
     whose gradient is None or all zero.
 
@@ -310,9 +310,9 @@ def check_all_trainable_get_grads(loss_fn: nn.Module, batch: dict[str, torch.Ten
     gradients by design), and LoRA B weights that are not all zero (at peft's init B = 0, so A's gradient is 0).
     The gradients are cloned and the model's own .grad fields are cleared again.
     """
-    model = loss_fn.peft_model
+    model = loss_model.peft_model
     model.zero_grad(set_to_none=True)
-    loss = loss_fn(batch)
+    loss = loss_model(batch)
     loss.backward()
     grads = {n: None if p.grad is None else p.grad.detach().clone()
              for n, p in model.named_parameters() if p.requires_grad}

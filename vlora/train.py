@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from vlora.checkpoint import TrainState
 from vlora.config import Config, Plan, load_config, save_config, to_dict
 from vlora.distributed import (
     Heartbeat, PreemptionSignal, World, all_reduce_max, all_reduce_sum, barrier, cleanup, collective_failure,
@@ -53,13 +54,13 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(loss_fn, batches: list[dict], world: World, precision, lockstep: bool = False) -> float:
+def evaluate(loss_model, batches: list[dict], world: World, precision, lockstep: bool = False) -> float:
     """Mean held-out loss per supervised token over all ranks' shares of the held-out set.
 
     `lockstep` (ZeRO-3: every forward gathers weights with collectives): every rank runs as many forwards as the
     rank with the most batches, repeating its own last batch (not counted) where its share is shorter.
     """
-    loss_fn.eval()
+    loss_model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=world.device)
     n = len(batches)
     if lockstep:
@@ -67,12 +68,12 @@ def evaluate(loss_fn, batches: list[dict], world: World, precision, lockstep: bo
     for i in range(n):
         batch = batches[min(i, len(batches) - 1)]
         with precision.autocast():
-            loss = loss_fn(to_device(batch, world.device)).double()
+            loss = loss_model(to_device(batch, world.device)).double()
         if i < len(batches):
             sums[0] += loss
             sums[1] += batch["loss_index"].numel()
     all_reduce_sum(sums)
-    loss_fn.train()
+    loss_model.train()
     return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
 
 
@@ -109,31 +110,6 @@ def param_digest(params: list[torch.Tensor]) -> str:
 
 
 @dataclass
-class TrainState:
-    """Where a run stands: what a checkpoint records beside the weights and the engine's state.
-
-    `step`, `skipped_samples` and `skipped_steps` are the same on every rank (train_state.json); `data` (this rank's
-    stream position) and `rng` (this rank's RNG states) are per rank.
-    """
-
-    step: int = 0  # optimizer steps done
-    skipped_samples: int = 0  # over data.max_length, all ranks together
-    skipped_steps: int = 0  # non-finite or fp16-overflow steps whose update was not applied
-    data: dict | None = None
-    rng: dict | None = None
-
-    COUNTERS = ("step", "skipped_samples", "skipped_steps")
-
-    def state_dict(self) -> dict:
-        """The part every rank shares."""
-        return {k: getattr(self, k) for k in self.COUNTERS}
-
-    def load_state_dict(self, state: dict) -> None:
-        for k in self.COUNTERS:
-            setattr(self, k, int(state.get(k, 0)))
-
-
-@dataclass
 class Run:
     """Everything a run is made of, as `build` makes it. Also the way in for code that drives a run itself (a
     notebook, the tests): `build`, then `fit`, then read `model`, `collator`, `val_losses`, `state`."""
@@ -145,7 +121,7 @@ class Run:
     engine: object  # vlora.engine.Engine
     processor: object
     model: torch.nn.Module  # the peft model
-    loss_fn: torch.nn.Module
+    loss_model: torch.nn.Module  # the peft model under the supervised-token loss (what the engine wraps)
     optimizer: torch.optim.Optimizer
     collator: object
     batches: object  # the resumable training stream (vlora.data.stream)
@@ -186,7 +162,7 @@ def build(cfg: Config, plan: Plan, resources: contextlib.ExitStack) -> Run:
              world.size, world.device, engine.name, precision.name, cfg.model.quant, plan.grad_accum,
              cfg.optim.global_batch)
 
-    processor, model, loss_fn, optimizer = _build_model(cfg, world, engine, compute_dtype)
+    processor, model, loss_model, optimizer = _build_model(cfg, world, engine, compute_dtype)
     state = TrainState()
     if resume_from is not None:  # trained weights, optimizer, step, this rank's data position and RNG states
         load_checkpoint(resume_from, state, world=world, peft_model=model, engine=engine)
@@ -199,7 +175,7 @@ def build(cfg: Config, plan: Plan, resources: contextlib.ExitStack) -> Run:
     trace = Trace(cfg.run_dir, world.rank, digests=cfg.run.param_digest, keys=cfg.run.trace_keys)
     resources.callback(trace.close)
     return Run(cfg=cfg, plan=plan, world=world, precision=precision, engine=engine, processor=processor,
-               model=model, loss_fn=loss_fn, optimizer=optimizer, collator=collator, batches=batches,
+               model=model, loss_model=loss_model, optimizer=optimizer, collator=collator, batches=batches,
                heldout=heldout, metrics=metrics, trace=trace, heartbeat=Heartbeat(world), preemption=preemption,
                state=state, saved_step=state.step if resume_from is not None else None)
 
@@ -226,11 +202,11 @@ def _build_model(cfg: Config, world: World, engine, compute_dtype: torch.dtype):
     n_train, n_total = model.get_nb_trainable_parameters()  # counts 4-bit weights at their real size
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{n_train:,}", f"{n_total:,}", 100 * n_train / n_total)
     torch.manual_seed(cfg.run.seed + world.rank)
-    loss_fn = SupervisedLoss(model, vision_lockstep=engine.lockstep)
+    loss_model = SupervisedLoss(model, vision_lockstep=engine.lockstep)
     optimizer = build_optimizer(model, cfg.optim, world.device)
     log.info(describe_param_groups(optimizer))
-    engine.prepare(loss_fn, optimizer)  # DDP wrapping, or deepspeed.initialize (ZeRO partitions what it owns)
-    return processor, model, loss_fn, optimizer
+    engine.prepare(loss_model, optimizer)  # DDP wrapping, or deepspeed.initialize (ZeRO partitions what it owns)
+    return processor, model, loss_model, optimizer
 
 
 def _build_data(cfg: Config, world: World, processor, compute_dtype: torch.dtype, position: dict | None,
@@ -314,7 +290,7 @@ def fit(run: Run) -> None:
     from vlora.optim import lr_at, set_lr
 
     cfg, state = run.cfg, run.state
-    run.loss_fn.train()  # from_pretrained returns eval mode: LoRA dropout and gradient checkpointing need train mode
+    run.loss_model.train()  # from_pretrained returns eval mode: LoRA dropout and gradient checkpointing need train mode
     if cfg.data.val and state.step == 0:
         _evaluate_and_log(run)
     if state.rng is not None:
@@ -416,7 +392,7 @@ def _count_skips(run: Run, result, bad_in_a_row: int) -> int:
 
 def _evaluate_and_log(run: Run) -> None:
     step = run.state.step
-    run.val_losses[step] = evaluate(run.loss_fn, run.heldout, run.world, run.precision, run.engine.lockstep)
+    run.val_losses[step] = evaluate(run.loss_model, run.heldout, run.world, run.precision, run.engine.lockstep)
     run.metrics.write({"step": step, "val_loss": run.val_losses[step]})
     if step < run.cfg.optim.max_steps:
         run.metrics.info(f"step {step:>5} | held-out loss {run.val_losses[step]:.4f}")

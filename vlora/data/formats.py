@@ -445,7 +445,7 @@ def _raw_records(path: Path) -> Iterator[tuple[int | None, object]]:
 
 
 @dataclass
-class Source:
+class AnnotationFile:
     """An opened annotation file: its detected format, its records (read lazily, once) and the resolver
     whose `by_suffix` count is final once the records are consumed."""
 
@@ -455,7 +455,7 @@ class Source:
     resolver: PathResolver
 
 
-def read_annotations(path, *, image_root=None, fmt: str | None = None, confine: bool = False) -> Source:
+def read_annotations(path, *, image_root=None, fmt: str | None = None, confine: bool = False) -> AnnotationFile:
     """Open an annotation file; `fmt` None (or "auto") detects the format from the first records; `confine`: see
     PathResolver.
 
@@ -490,7 +490,7 @@ def read_annotations(path, *, image_root=None, fmt: str | None = None, confine: 
                         e = RecordError(e.reason, f"{e.detail} (the record looks like {other}, the file is read as {fmt})")
                     yield Record(index, line, raw, error=e)
 
-    return Source(path, fmt, records(), resolver)
+    return AnnotationFile(path, fmt, records(), resolver)
 
 
 def load_samples(path, *, image_root=None, fmt: str | None = None) -> list[dict]:

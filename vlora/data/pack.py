@@ -153,7 +153,7 @@ def sample_key(raw: dict | None, stem: str, index: int, *, scoped: bool = False)
 # --- per-sample checks (run in the worker processes) ------------------------------------------------
 
 
-def validate(sample: dict) -> None:
+def check_sample(sample: dict) -> None:
     """Raise RecordError for a sample that would fail or teach nothing in training (images not checked here)."""
     messages = sample["messages"]
     tags = sum(part["type"] == "image" for m in messages for part in m["content"])
@@ -349,7 +349,7 @@ class Checker:
             return None
         Image.MAX_IMAGE_PIXELS = self.max_image_pixels
         try:
-            validate(sample)
+            check_sample(sample)
             seen = {}
             parts = [p for m in sample["messages"] for p in m["content"] if p["type"] == "image"]
             for i, (ref, part) in enumerate(zip(sample["images"], parts)):

@@ -128,7 +128,7 @@ def check_sources(spec, world_size: int, num_workers: int) -> list[tuple[str, fl
 
 
 @dataclass(frozen=True)
-class Source:
+class ShardSet:
     """One shard set of the mix: its shard paths and per-shard sample counts (from the manifest), and weight."""
 
     folder: str
@@ -138,7 +138,7 @@ class Source:
     content: str = ""  # hash of the manifest's shard sha256 list: a repack with other data changes it
 
     @classmethod
-    def load(cls, folder: str, weight: float = 1.0) -> Source:
+    def load(cls, folder: str, weight: float = 1.0) -> ShardSet:
         manifest = read_manifest(folder)
         if not any(s["samples"] for s in manifest["shards"]):
             raise VloraError(f"{folder}: its manifest.json lists no samples; pack some data into it")
@@ -184,7 +184,7 @@ def reader_shares(sizes: Sequence[int], *, seed: int, dataset: int, world_size: 
     return out
 
 
-def warn_if_unbalanced(source: Source, dataset: int, *, seed: int, world_size: int, workers: int) -> str | None:
+def warn_if_unbalanced(source: ShardSet, dataset: int, *, seed: int, world_size: int, workers: int) -> str | None:
     """Log (and return) a warning when readers' per-epoch shares of `source` differ by more than BALANCE_TOLERANCE."""
     shares = reader_shares(source.sizes, seed=seed, dataset=dataset, world_size=world_size, workers=workers)
     lo, hi = min(min(e) for e in shares), max(max(e) for e in shares)
@@ -316,7 +316,7 @@ class ShardReader:
 class DatasetReader:
     """One reader's endless pass over one data set: epoch after epoch, position = (epoch, emitted)."""
 
-    def __init__(self, source: Source, index: int, *, seed: int, rank: int, world_size: int, role: int, workers: int,
+    def __init__(self, source: ShardSet, index: int, *, seed: int, rank: int, world_size: int, role: int, workers: int,
                  open_shards: int, epoch: int = 0, emitted: int = 0):
         self.source, self.index, self.seed = source, index, seed
         self.rank, self.world_size, self.role, self.workers, self.width = rank, world_size, role, workers, open_shards
@@ -390,7 +390,7 @@ class TrainStream(IterableDataset):
     `states[role]` is where each role starts; worker w plays role (w + role_offset) % workers.
     """
 
-    def __init__(self, sources: Sequence[Source], *, rank: int, world_size: int, num_workers: int, seed: int,
+    def __init__(self, sources: Sequence[ShardSet], *, rank: int, world_size: int, num_workers: int, seed: int,
                  micro_batch: int, encode: Callable[[dict], dict | None], collate: Callable[[list[dict]], dict],
                  open_shards: int = OPEN_SHARDS, states: list[dict] | None = None, role_offset: int = 0):
         self.sources, self.rank, self.world_size, self.seed = list(sources), rank, world_size, seed
@@ -541,7 +541,7 @@ def train_loader(sources, *, rank: int, world_size: int, num_workers: int, seed:
     """
     if isinstance(sources, str):
         sources = parse_sources(sources)
-    loaded = [Source.load(folder, weight) for folder, weight in sources]
+    loaded = [ShardSet.load(folder, weight) for folder, weight in sources]
     for src in loaded:
         check_enough_shards(src.folder, len(src.sizes), world_size, num_workers)
     workers = max(1, num_workers)
