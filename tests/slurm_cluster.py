@@ -19,15 +19,17 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from helpers import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "sinfo", "scancel", "srun")
@@ -73,11 +75,6 @@ def ensure_installed(log=print) -> str | None:
     log(f"slurm_cluster: installed {' '.join(PACKAGES)} in {time.monotonic() - start:.1f} s")
     return None
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmError(RuntimeError):
@@ -198,8 +195,8 @@ class SlurmCluster:
             (r / sub).mkdir(mode=0o700, exist_ok=True)
         (r / "munge").chmod(0o755)  # clients of any user reach the socket (munged checks)
         user = pwd.getpwuid(os.geteuid()).pw_name  # root, or without root the daemons and jobs run as this user
-        ctld_port = _free_port()
-        slurmd_port = next(p for p in iter(_free_port, None) if p != ctld_port)
+        ctld_port = free_port()
+        slurmd_port = next(p for p in iter(free_port, None) if p != ctld_port)
         conf = f"""\
 # Written by tests/slurm_cluster.py: a throw-away single-node cluster.
 ClusterName=vlora-test
@@ -233,10 +230,14 @@ ReturnToService=2
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-# Test speed: SIGKILL 10 s after a job's TERM (default 30), requeued jobs held 6 s (cred_expire above, default
-# 120), scheduling every 1-2 s (default 30-60); job records kept 5 minutes for `scontrol show job`.
-KillWait=10
+# Test speed: requeued jobs held 6 s (cred_expire above, default 120), scheduling every 1-2 s (default 30-60); job
+# records kept 5 minutes for `scontrol show job`. SIGKILL 30 s after a job's TERM (Slurm's default): on a loaded
+# 2-core machine the training's save, torchrun, srun and the batch script's last words need more than 10 s.
+KillWait=30
 MinJobAge=300
+# Job ids from a random start: launch/slurm.sbatch derives the rendezvous port from the job id, and two clusters
+# on one machine (two test sessions) must not both number their jobs 1, 2, 3...
+FirstJobId={random.randrange(1000, 1_000_000)}
 {self._node_line()} NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 """

@@ -1,6 +1,8 @@
 """The loop's arithmetic and its stops: accumulation and world size do not change the update; a pre-empted and
 resumed run is the uninterrupted run; non-finite steps are skipped, and too many in a row stop the run."""
 
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -165,11 +167,15 @@ def test_fp16_two_ranks_a_non_finite_loss_on_one_rank_stops_every_rank_together(
         "run.max_bad_steps": 2, "run.dist_timeout_s": 60, "data.num_workers": 0}),
         env={"VLORA_FAILPOINTS": "nan@loss:step3:rank1,nan@loss:step4:rank1"}, timeout=300, check=False)
     assert proc.returncode != 0
+    # Each rank that gets to print says the same; torchrun may end the slower rank (SIGTERM) once the first has
+    # exited, before it prints. That both stopped at step 4 together shows in the step-4 checkpoint: a collective
+    # save every rank entered. A disagreement shows as a timed-out or broken collective instead.
     errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("vlora: error:"))
-    assert len(errors) == 2, proc.stderr[-3000:]
-    for rank, line in enumerate(errors):
-        assert line.startswith(f"vlora: error: [rank {rank}] 2 non-finite steps in a row (steps 3-4)"), line
-    assert "timed out" not in proc.stderr
+    assert 1 <= len(errors) <= 2, proc.stderr[-3000:]
+    for line in errors:
+        assert re.match(r"vlora: error: \[rank [01]\] 2 non-finite steps in a row \(steps 3-4\)", line), line
+    assert "timed out" not in proc.stderr and "lost a peer" not in proc.stderr
     assert (tmp_path / "t" / "latest").read_text().strip() == "step_00000004"
+    assert json.loads((tmp_path / "t" / "step_00000004" / "train_state.json").read_text())["skipped_steps"] == 2
     records = step_records(tmp_path / "t")
     assert [records[s]["skipped_steps"] for s in (1, 2, 3)] == [0, 0, 1]  # step 4 stopped the run before its log

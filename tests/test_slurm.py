@@ -3,19 +3,20 @@ a pre-empted job saves, requeues itself and ends with the uninterrupted run's lo
 at most the steps since the last checkpoint, and `scancel` still cancels.
 
 Every job is what a user on a CPU cluster would submit: `sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=2
-launch/slurm.sbatch key=value ...` from the repository root, GPUS_PER_NODE=2 (two training processes, gloo)."""
+launch/slurm.sbatch key=value ...` from the repository root, GPUS_PER_NODE=2 (two training processes, gloo).
+No RDZV_PORT is given: the script picks the rendezvous port from the job id and the restart count, as it does for a
+user (the local cluster numbers its jobs from a random first id, so two test sessions on one machine differ)."""
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO, adapter_weights, run_overrides
 from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
-from test_launch import free_port
-from test_loop import adapter_weights
-from test_train import run_overrides
+from vlora.checkpoint import is_complete
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +27,7 @@ CONFIG = {"optim.max_steps": STEPS, "optim.global_batch": 8, "optim.micro_batch"
           "run.precision": "fp32", "optim.lr": 2e-3, "optim.warmup_steps": 1, "data.val": "", "run.log_every": 1,
           "run.save_every": SAVE_EVERY, "run.plot": "false", "data.num_workers": 1}
 JOB_TIMEOUT = 300
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
 class Job:
@@ -64,9 +66,8 @@ class Job:
 def submit(cluster, tiny_model_dir, demo_shards, tmp_path, name: str, *sbatch_args: str, env=None,
            **overrides) -> Job:
     log = tmp_path / f"{name}.out"
-    job_env = cluster.env(GPUS_PER_NODE=2, RDZV_PORT=free_port(), SHUTDOWN_TIMEOUT=60, OMP_NUM_THREADS=1,
-                          PYTHONUNBUFFERED=1, **(env or {}))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+    job_env = cluster.env(GPUS_PER_NODE=2, SHUTDOWN_TIMEOUT=60, OMP_NUM_THREADS=1, PYTHONUNBUFFERED=1, **(env or {}))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "RDZV_PORT"):
         job_env.pop(var, None)
     args = run_overrides(tiny_model_dir, demo_shards, tmp_path, **{**CONFIG, "run.name": name, **overrides})
     job_id = cluster.sbatch("--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", f"--job-name=vlora-{name}",
@@ -97,6 +98,13 @@ def assert_same_losses(run: Path, reference: Path) -> None:
         assert abs(ours[s] - theirs[s]) < 1e-6, (s, ours[s], theirs[s])
     for k, w in adapter_weights(reference).items():
         assert (w - adapter_weights(run)[k]).abs().max() < 1e-6, k
+
+
+def run_seconds(run_time: str) -> int:
+    """`scontrol show job`'s RunTime ([D-]HH:MM:SS) in seconds."""
+    days, _, hms = run_time.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
 
 
 def resumed_at(text: str) -> int:
@@ -146,7 +154,7 @@ def test_preemption_warning_saves_requeues_and_resumes(slurm_cluster, reference,
     assert "attempt 2, 1 node(s) x 2" in text  # attempt = SLURM_RESTART_COUNT + 1
     assert resumed_at(text) == stopped
     assert [r["step"] for r in second] == list(range(stopped + 1, STEPS + 1))
-    assert not (job.run / "PREEMPTED").exists()
+    assert not (job.run / "PREEMPTED").exists() and not (job.run / "REQUEUED").exists()  # done: nothing pending
     assert_same_losses(job.run, reference.run)
 
 
@@ -183,46 +191,71 @@ def test_scontrol_requeue_loses_at_most_the_steps_since_the_last_checkpoint(slur
           f"({'pre-emption checkpoint on TERM' if 'pre-empted' in text else 'periodic checkpoint'})")
 
 
-@pytest.mark.skip(reason="flaky on a loaded 2-core machine: the requeued attempt's torchrun failed its c10d rendezvous "
-                         "(RendezvousConnectionError on the fixed RDZV_PORT) in 1 of 3 runs; to fix with a per-job port")
 def test_signal_at_start_up_requeues_and_scancel_still_cancels(slurm_cluster, tiny_model_dir, demo_shards,
                                                                tmp_path):
     """A warning while the training processes are still starting (no handler yet, so no checkpoint) still
-    requeues the job; and a plain `scancel` of the requeued job cancels it for good, though its TERM makes the
-    training save as a pre-emption would."""
-    job = submit(slurm_cluster, tiny_model_dir, demo_shards, tmp_path, "early")
+    requeues the job; the requeued attempt failing before it trains (its shards are missing for a while) does not
+    end the job but requeues it again; and a plain `scancel` of the attempt that then trains cancels the job for
+    good, though its TERM makes the training save as a pre-emption would.
+
+    The warning comes right after the script starts srun, which drops a signal that arrives while it launches the
+    step: the script must hold it until srun can pass it on, or the training never hears of it and runs to the end.
+    """
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards / "train", shards / "train")
+    job = submit(slurm_cluster, tiny_model_dir, demo_shards, tmp_path, "early", **{"data.train": shards / "train"})
     job.wait(lambda f: "attempt 1," in job.text() or f.get("JobState") not in ("PENDING", "RUNNING"),
              "the launch")
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job.id)
-    job.wait(lambda f: f.get("Restarts") == "1" and f.get("JobState") == "RUNNING", "the requeued job")
+    (shards / "train").rename(shards / "hidden")  # the next attempt fails before its first step
+    job.wait(lambda f: "attempt 2 failed before training" in job.text() or f.get("JobState") in ENDED or not f,
+             "the second attempt to fail")
+    (shards / "hidden").rename(shards / "train")
+    assert train_records(job.run) == [], job.text()[-4000:]  # neither attempt trained: the USR1 stopped the first
+    job.wait(lambda f: "attempt 3," in job.text() or f.get("JobState") in ENDED or not f, "the third attempt")
     text = job.text()
-    assert "vlora: USR1 at " in text
+    assert job.fields().get("Restarts") == "2", (job.fields(), text[-4000:])
+    first, second = text.split("attempt 2,")[0], text.split("attempt 2,")[1].split("attempt 3,")[0]
+    assert "vlora: USR1 at " in first
     # torchrun or its workers die of the USR1 they have no handler for yet; or it came before srun started
     assert (re.search(rf"USR1 but no pre-emption checkpoint \(srun exited with status \d+\); requeueing job {job.id} ",
-                      text) or f"stopped before the launch; requeueing job {job.id}" in text), text[-4000:]
+                      first) or f"stopped before the launch; requeueing job {job.id}" in first), text[-4000:]
+    assert "srun exited with status 0" not in first
+    assert str(shards / "train") in second and "does not exist" in second, text[-4000:]  # why it failed
+    assert re.search(rf"attempt 2 failed before training \(srun exited with status \d+\); requeueing job {job.id} "
+                     rf"to try again \(1 of \d+ ", second), text[-4000:]
+    assert "attempt 3, 1 node(s) x 2" in text
 
     job.wait_steps(2)
     slurm_cluster.run("scancel", job.id)
     job.wait()
     f = job.fields()
-    assert (f.get("JobState"), f.get("Restarts")) == ("CANCELLED", "1"), (f, job.text()[-4000:])
-    text = job.text()
+    assert (f.get("JobState"), f.get("Restarts")) == ("CANCELLED", "2"), (f, job.text()[-4000:])
+    text = job.text().split("attempt 3,")[1]
     assert "vlora: TERM at " in text
     assert f"not requeued: Slurm is ending job {job.id} itself" in text, text[-4000:]
     assert not (job.run / "adapter").exists()
 
 
 def test_time_limit_warning_reaches_the_training(slurm_cluster, tiny_model_dir, demo_shards, tmp_path):
-    """Slurm's own timer: `--time=1 --signal=B:USR1@60` (the #SBATCH line's mechanism, with a warning as long as
-    the limit) sends USR1 to the batch script at one of slurmctld's periodic checks, well before the limit; the
-    script passes it on. MAX_REQUEUES=0, so the job ends there instead of coming back."""
-    job = submit(slurm_cluster, tiny_model_dir, demo_shards, tmp_path, "timer", "--time=1", "--signal=B:USR1@60",
+    """Slurm's own timer: `--signal=B:USR1@60` (the #SBATCH line's mechanism) sends USR1 to the batch script at one of
+    slurmctld's periodic checks (every 30 s) once the time left is within the warning plus 30 s, well before the
+    limit; the script passes it on and the training saves. The job starts with a long limit; once it has trained a
+    step, the limit is cut to leave 61-120 s, so the warning comes while it trains, never during start-up.
+    MAX_REQUEUES=0, so the job ends there instead of coming back."""
+    job = submit(slurm_cluster, tiny_model_dir, demo_shards, tmp_path, "timer", "--time=30", "--signal=B:USR1@60",
                  env={"MAX_REQUEUES": 0}, **{"optim.max_steps": 100000, "run.save_every": 0})
-    f = job.wait(timeout=120)
+    job.wait_steps(1)
+    trained = train_records(job.run)[-1]["step"]
+    elapsed = run_seconds(job.fields()["RunTime"])
+    slurm_cluster.run("scontrol", "update", f"JobId={job.id}", f"TimeLimit={elapsed // 60 + 2}")
+    f = job.wait(timeout=240)
     text = job.text()
     assert "vlora: USR1 at " in text, (f, text[-4000:])
     assert (f.get("JobState"), f.get("Restarts")) == ("FAILED", "0"), (f, text[-4000:])  # not TIMEOUT
-    if (job.run / "PREEMPTED").exists():  # the usual case: it came while the run trained
-        step = int((job.run / "PREEMPTED").read_text())
-        assert f"pre-empted (SIGUSR1) after step {step}" in text
-        assert f"checkpoint at step {step}; not requeued: 0 restarts reached MAX_REQUEUES" in text
+    step = int((job.run / "PREEMPTED").read_text())  # MAX_REQUEUES=0: nothing comes back to remove it
+    assert step >= trained and train_records(job.run)[-1]["step"] == step
+    assert f"pre-empted (SIGUSR1) after step {step}" in text
+    assert f"checkpoint at step {step}; not requeued: 0 restarts reached MAX_REQUEUES" in text
+    assert (job.run / "latest").read_text().strip() == f"step_{step:08d}"
+    assert is_complete(job.run / f"step_{step:08d}")

@@ -471,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         # Config errors are the same on every rank: one line, from rank 0. Later ones may differ per rank.
         if rank == 0 or started:
             tag = f"[rank {rank}] " if started and world_size_from_env() > 1 else ""
-            print(f"vlora: error: {tag}{e}", file=sys.stderr, flush=True)
+            # One write with its newline: ranks share the log, and a line must not be split by another's.
+            sys.stderr.write(f"vlora: error: {tag}{e}\n")
+            sys.stderr.flush()
         return 2
     finally:
         cleanup()
