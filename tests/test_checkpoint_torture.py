@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_overrides
+from helpers import read_jsonl, run_overrides
 from vlora.checkpoint import resolve_resume
 from vlora.failpoints import SAVE_POINTS
 
@@ -77,16 +77,8 @@ def attempt(ctx, argv, log: Path, *, failpoints: str = "", kill_after: float | N
 
 
 def step_losses(run: Path) -> list[tuple[int, float]]:
-    records = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # the torn last line of a killed run (the next run starts a new line)
-                continue
-            if "loss" in record:
-                records.append((record["step"], record["loss"]))
-    return records
+    """Every training record's (step, loss), repeats of a step by later attempts included."""
+    return [(r["step"], r["loss"]) for r in read_jsonl(run / "metrics.jsonl", torn_ok=True) if "loss" in r]
 
 
 def saved_step(run: Path) -> int:

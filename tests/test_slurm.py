@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, adapter_weights, run_overrides
+from helpers import REPO, assert_same_run, run_overrides
 from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 from vlora.checkpoint import is_complete
 
@@ -86,20 +86,6 @@ def train_records(run: Path) -> list[dict]:
     return [r for r in records(run) if "loss" in r]
 
 
-def losses(run: Path) -> dict[int, float]:
-    """Step -> loss of the run that went on (a later attempt's record replaces an earlier one's)."""
-    return {r["step"]: r["loss"] for r in train_records(run)}
-
-
-def assert_same_losses(run: Path, reference: Path) -> None:
-    ours, theirs = losses(run), losses(reference)
-    assert sorted(ours) == sorted(theirs) == list(range(1, STEPS + 1))
-    for s in theirs:
-        assert abs(ours[s] - theirs[s]) < 1e-6, (s, ours[s], theirs[s])
-    for k, w in adapter_weights(reference).items():
-        assert (w - adapter_weights(run)[k]).abs().max() < 1e-6, k
-
-
 def run_seconds(run_time: str) -> int:
     """`scontrol show job`'s RunTime ([D-]HH:MM:SS) in seconds."""
     days, _, hms = run_time.rpartition("-")
@@ -155,7 +141,8 @@ def test_preemption_warning_saves_requeues_and_resumes(slurm_cluster, reference,
     assert resumed_at(text) == stopped
     assert [r["step"] for r in second] == list(range(stopped + 1, STEPS + 1))
     assert not (job.run / "PREEMPTED").exists() and not (job.run / "REQUEUED").exists()  # done: nothing pending
-    assert_same_losses(job.run, reference.run)
+    assert_same_run(job.run, reference.run, steps=STEPS, rtol=1e-6, atol=1e-6, grad_norms=False, mean_atol=None,
+                    torn_ok=True)
 
 
 @pytest.mark.parametrize("how", ["requeue", "kill-then-requeue"])
@@ -186,7 +173,8 @@ def test_scontrol_requeue_loses_at_most_the_steps_since_the_last_checkpoint(slur
         assert resumed == done_before or resumed % SAVE_EVERY == 0
     assert "attempt 2, 1 node(s) x 2" in text
     assert f"requeueing job {job.id}" not in text  # Slurm requeued it; the script saw the job ending and left it
-    assert_same_losses(job.run, reference.run)
+    assert_same_run(job.run, reference.run, steps=STEPS, rtol=1e-6, atol=1e-6, grad_norms=False, mean_atol=None,
+                    torn_ok=True)
     print(f"{how}: {done_before} steps done, resumed at {resumed} "
           f"({'pre-emption checkpoint on TERM' if 'pre-empted' in text else 'periodic checkpoint'})")
 
