@@ -16,6 +16,7 @@ orders; measured differences are ~1e-7). Resume is bit-exact.
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import time
@@ -430,7 +431,10 @@ def test_a_resume_refuses_a_planted_pickle_in_a_deepspeed_file_on_every_rank(run
     for rank, line in enumerate(errors):
         assert line.startswith(f"vlora: error: [rank {rank}] checkpoint file {planted} is not a plain tensor file; "
                                "refused to unpickle it ("), line
-    assert proc.stderr.count("exitcode  : 2 ") == 2, proc.stderr[-3000:]  # torchrun's report of each rank's exit
+    # torchrun's report of each rank's exit: the first rank out exits with 2; torchrun may SIGTERM the other before
+    # its own exit lands (its error line above shows it refused the file too). No other exit is allowed.
+    codes = re.findall(r"exitcode\s*: (-?\d+)", proc.stderr)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, proc.stderr[-3000:]
     assert "resumed from" not in proc.stderr and not (tmp_path / "t" / "metrics.jsonl").exists()
 
 
