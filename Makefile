@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 tiny-model: $(TINY)/config.json
-$(TINY)/config.json: | $(STAMP)
+$(TINY)/config.json: vlora/tiny.py | $(STAMP)
 	$(VLORA) tiny-model --out $(TINY)
 
 # `make shards` packs the demo set; `make shards SRC=annotations.jsonl OUT=shards/NAME/train` packs yours
@@ -39,8 +39,10 @@ $(DEMO)/src/train.jsonl: | $(STAMP)
 $(DEMO)/%/manifest.json: $(DEMO)/src/train.jsonl
 	$(VLORA) pack --src $(DEMO)/src/$*.jsonl --out $(DEMO)/$* --shard-size 128
 
+# Train, then score the adapter against the base before fine-tuning and the majority answer (runs/demo/eval/).
 demo: $(TINY)/config.json demo-shards
 	$(PY) train.py --config vlora/configs/demo.yaml
+	$(VLORA) eval --model $(TINY) --adapter runs/demo/adapter --shards $(DEMO)/val
 
 train: | $(STAMP)
 	.venv/bin/torchrun --standalone --nproc_per_node $(NPROC) --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 train.py $(ARGS)

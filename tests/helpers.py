@@ -176,3 +176,21 @@ class Planted:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+def random_adapter(tiny_model_dir, out_dir, *, seed: int, targets: str = "[llm_attn,llm_mlp]", scale: float = 0.3,
+                   extra: tuple = ()) -> Path:
+    """An adapter of the tiny 4-bit base with every LoRA weight drawn N(0, scale) (the peft init leaves B = 0,
+    which would make an adapter indistinguishable from the base); saved with peft to out_dir."""
+    import torch
+
+    from conftest import tiny_lora_model
+
+    model = tiny_lora_model(tiny_model_dir, f"lora.targets={targets}", *extra)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    model.save_pretrained(str(out_dir))
+    return Path(out_dir)

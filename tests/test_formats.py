@@ -181,6 +181,52 @@ def test_null_image_fields_mean_no_images(tmp_path):
     assert e == {"messages": user_assistant([text("Say hi.")], "Hi."), "images": []}
 
 
+# One record per format, each with a task: the label is read in one place (to_sample), whatever the reader.
+TASK_RECORDS = {
+    "sharegpt": {"messages": [{"role": "user", "content": "<image>Q?"}, {"role": "assistant", "content": "A."}], "images": ["a.png"]},
+    "llava": {"image": "a.png", "conversations": [{"from": "human", "value": "<image>Q?"}, {"from": "gpt", "value": "A."}]},
+    "openai": {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "Q?"}]},
+                            {"role": "assistant", "content": [{"type": "text", "text": "A."}]}]},
+    "instruction": {"image_path": "a.png", "instruction": "Q?", "output": "A."},
+    "caption": {"image_path": "a.png", "text": "A."},
+}
+
+
+@pytest.mark.parametrize("fmt", list(TASK_RECORDS))
+def test_a_task_label_is_kept_in_every_format(tmp_path, fmt):
+    record = TASK_RECORDS[fmt]
+    src = _jsonl(tmp_path / "t.jsonl", [{**record, "task": "vqa"}, record, {**record, "task": None}, {**record, "task": "Cap tion/é ✓"}])
+    with_task, without, null, odd = _records(src)
+    assert read_annotations(src).format == fmt
+    assert with_task.sample["task"] == "vqa" and odd.sample["task"] == "Cap tion/é ✓"
+    assert "task" not in without.sample and null.sample == without.sample  # null: no task, as "image": null is no image
+    assert {k: v for k, v in with_task.sample.items() if k != "task"} == without.sample  # nothing else changes
+
+
+@pytest.mark.parametrize("task, detail", [
+    (3, "'task' must be a string, got a JSON int"),
+    (["caption"], "'task' must be a string, got a JSON list"),
+    (True, "'task' must be a string, got a JSON bool"),
+    ({"name": "vqa"}, "'task' must be a string, got a JSON dict"),
+    ("", "'task' is empty"),
+    ("   ", "'task' is empty"),
+    ("x" * 65, "has 65 characters, over 64"),
+    ("cap\ntion", "holds the control character '\\n'"),
+    ("cap\ttion", "holds the control character '\\t'"),
+    ("vqa\x00", "holds the control character '\\x00'"),
+    ("vqa\x7f", "holds the control character '\\x7f'"),
+    ("vqa\x85", "holds the control character '\\x85'"),
+])
+@pytest.mark.parametrize("fmt", ["sharegpt", "caption"])
+def test_a_bad_task_is_a_bad_task_reject(tmp_path, fmt, task, detail):
+    (r,) = _records(_jsonl(tmp_path / "t.jsonl", [{**TASK_RECORDS[fmt], "task": task}]))
+    assert r.sample is None and r.error.reason == "bad_task" and detail in r.error.detail
+    assert r.raw["task"] == task
+    # the limits are inclusive: 64 characters is fine
+    (ok,) = _records(_jsonl(tmp_path / "ok.jsonl", [{**TASK_RECORDS[fmt], "task": "x" * 64}]))
+    assert ok.error is None and ok.sample["task"] == "x" * 64
+
+
 def test_unhashable_role_is_a_bad_record_not_a_crash(tmp_path):
     src = _jsonl(tmp_path / "r.jsonl", [
         {"conversations": [{"from": ["human"], "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},

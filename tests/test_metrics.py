@@ -62,7 +62,7 @@ def test_plot_curves_of_a_resumed_run(tmp_path):
 
     records, bad = read_metrics(path)
     assert bad == 1
-    loss, val, lr, resumes = _curves(records)
+    loss, val, lr, resumes, em = _curves(records)
     assert resumes == [21, 45]
     assert sorted(loss) == list(range(1, 61))
     assert lr[20] == 1e-3 and lr[21] == 5e-4 and lr[44] == 5e-4 and lr[45] == 2e-4
@@ -94,3 +94,20 @@ def test_metrics_after_a_torn_line_start_on_a_line_of_their_own(tmp_path):
     metrics.close()
     records, bad = read_metrics(tmp_path / "metrics.jsonl")
     assert bad == 1 and [r["step"] for r in records] == [1, 2]
+
+
+def test_curves_carry_the_exact_match_and_drop_a_killed_runs_tail(tmp_path):
+    """run.eval_generate's val_exact_match records: kept per step, replaced by the resumed run's from where it
+    resumed, and drawn (on their own axis) in curves.png."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "metrics.jsonl"
+    first = [{"time": 0.1, "step": 0, "val_loss": 7.4, "val_exact_match": 12.5}] + segment(range(1, 21), t0=0.2)
+    first += [{"time": 10.0, "step": 20, "val_loss": 3.0, "val_exact_match": 40.0}] + segment(range(21, 31), t0=10.1)
+    first += [{"time": 16.0, "step": 30, "val_loss": 2.9, "val_exact_match": 45.0}]
+    write_records(path, first)
+    write_records(path, segment(range(21, 41), lr=5e-4) + [{"time": 20.0, "step": 40, "val_loss": 2.5,
+                                                             "val_exact_match": 62.5}])
+    loss, val, lr, resumes, em = _curves(read_metrics(path)[0])
+    assert resumes == [21]
+    assert em == {0: 12.5, 20: 40.0, 40: 62.5}  # step 30's belonged to the killed run
+    check_png(plot_curves(tmp_path))

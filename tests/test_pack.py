@@ -69,10 +69,13 @@ def _files(out: Path) -> dict[str, bytes]:
 # --- pack: the demo shards --------------------------------------------------------------------------
 
 
-def test_demo_manifest_matches_files(demo_shards):
+def test_demo_manifest_matches_files(demo_src, demo_shards):
     for split, n, n_shards in (("train", 256, 8), ("val", 64, 2)):
         d = demo_shards / split
         m = read_manifest(d)
+        kinds = [json.loads(line)["meta"]["kind"] for line in (demo_src / f"{split}.jsonl").read_text().splitlines()]
+        assert m["tasks"] == {k: kinds.count(k) for k in sorted(set(kinds))} and sum(m["tasks"].values()) == n
+        assert list(m["tasks"]) == ["caption", "colour", "count", "position", "shape"]
         assert (m["format"], m["read"], m["samples"], m["rejected"], m["rejects_by_reason"]) == ("vlora-shards/1", n, n, 0, {})
         assert m["read"] == m["samples"] + m["rejected"]
         assert [s["name"] for s in m["shards"]] == [f"shard-{i:06d}.tar" for i in range(n_shards)]
@@ -103,7 +106,8 @@ def test_demo_shards_stream_back_identically(demo_src, demo_shards):
         assert s["0.png"] == (demo_src / r["images"][0]).read_bytes()
         meta = json.loads(s["json"])
         assert meta == {"messages": c["messages"], "source": {"file": "train.jsonl", "index": i, "line": i + 1},
-                        "images": [{"width": 112, "height": 112}]}
+                        "images": [{"width": 112, "height": 112}], "task": r["meta"]["kind"]}
+        assert meta["task"] == c["task"] == r["task"]
 
 
 def test_repack_is_byte_identical_for_any_workers(demo_src, demo_shards, tmp_path):
@@ -193,6 +197,82 @@ def test_each_reject_reason_and_the_balance(tmp_path):
     assert got[2]["0.png"] == good  # the data: URI's bytes, as they were
     assert "rejected 17 (bad_aspect_ratio 1, bad_record 2, duplicate_key 1," in format_summary(s)
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # PIL's global is left as it was
+
+
+# --- pack: task labels ------------------------------------------------------------------------------
+
+
+def test_tasks_are_packed_counted_and_bad_ones_rejected(tmp_path):
+    _png(tmp_path / "a.png")
+    src = _jsonl(tmp_path / "t.jsonl", [
+        _qa(id="cap", task="caption"),             # 0 written, task caption
+        _qa(id="plain"),                           # 1 written, no task
+        _qa(id="vqa", task="vqa"),                 # 2 written, task vqa
+        _qa(id="null", task=None),                 # 3 written, no task ("task": null is none)
+        _qa(task=7),                               # 4 bad_task: not a string
+        _qa(task=""),                              # 5 bad_task: empty
+        _qa(task="x" * 65),                        # 6 bad_task: too long
+        _qa(task="vqa\n"),                         # 7 bad_task: a control character
+        _qa(task=["vqa"]),                         # 8 bad_task: not a string
+        _qa(id="cap2", task="caption"),            # 9 written, task caption
+        _qa(task="vqa", images=["missing.png"]),   # 10 image_missing: a good task does not save a bad record
+        _qa(id="long", task="y" * 64),             # 11 written: 64 characters is the limit
+    ])
+    s = pack(src, tmp_path / "out", shard_size=4, workers=2)
+    assert (s.read, s.written, s.rejected) == (12, 6, 6) and s.read == s.written + s.rejected
+    assert s.rejects_by_reason == {"bad_task": 5, "image_missing": 1}
+    rejects = _rejects(tmp_path / "out")
+    assert [(r["index"], r["reason"]) for r in rejects] == [(4, "bad_task"), (5, "bad_task"), (6, "bad_task"), (7, "bad_task"),
+                                                           (8, "bad_task"), (10, "image_missing")]
+    assert rejects[0]["detail"] == "'task' must be a string, got a JSON int"
+    assert "control character '\\n'" in rejects[3]["detail"]
+    got = {g["__key__"]: json.loads(g["json"]) for g in _read(tmp_path / "out")}
+    assert {k: m.get("task") for k, m in got.items()} == {"cap": "caption", "plain": None, "vqa": "vqa", "null": None,
+                                                           "cap2": "caption", "long": "y" * 64}
+    assert "task" not in got["plain"] and "task" not in got["null"]  # absent, not null
+    assert set(got["plain"]) == {"messages", "source", "images"} and set(got["cap"]) == {"messages", "source", "images", "task"}
+    m = read_manifest(tmp_path / "out")
+    assert m["tasks"] == s.tasks == {"caption": 2, "vqa": 1, "y" * 64: 1}  # written samples only, sorted
+    assert (m["read"], m["samples"], m["rejected"], m["rejects_by_reason"]) == (12, 6, 6, s.rejects_by_reason)
+
+
+# Hashes of a task-free pack, computed with the packer as it was before "task" labels existed. The 8x6 red PNG's
+# bytes are fixed here (not encoded by this PIL); the tar layout is webdataset's TarWriter with fixed metadata.
+RED_PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAgAAAAGCAIAAABxZ0isAAAAEklEQVR4nGP8z4AdMOEQp4sEAJiFAQtsMIKbAAAAAElFTkSuQmCC")
+TASKLESS_SHA256 = {"shard-000000.tar": "b3d9efa1de7516fb1118bb5659d42f77f273ed7659062130d49a6c4b83ba7e29",
+                   "rejects.jsonl": "b15f6cb786410c2a475db944cb9f641e0c515d54ed435a3cc6dd8d1fd243dfd3"}
+
+
+def test_data_without_tasks_packs_byte_identically_to_before_tasks(tmp_path):
+    (tmp_path / "a.png").write_bytes(RED_PNG)
+    src = _jsonl(tmp_path / "plain.jsonl", [
+        _qa(q="<image>What colour?", a="Red.", id="one"),
+        {**_qa(q="<image>Shape?", a="A rectangle."), "system": "Be brief.", "meta": {"kind": "shape"}},
+        _qa(a="  "),
+    ])
+    s = pack(src, tmp_path / "out", shard_size=10)
+    assert (s.read, s.written, s.rejected, s.tasks) == (3, 2, 1, {})
+    assert {name: _sha(tmp_path / "out" / name) for name in TASKLESS_SHA256} == TASKLESS_SHA256
+    m = read_manifest(tmp_path / "out")
+    assert "tasks" not in m and m["shards"][0]["sha256"] == TASKLESS_SHA256["shard-000000.tar"]
+
+
+def test_demo_data_without_its_tasks_packs_as_before(demo_src, demo_shards, tmp_path):
+    """The demo val split with "task" removed: the same shards but for KEY.json's "task", which alone differs."""
+    records = [json.loads(line) for line in (demo_src / "val.jsonl").read_text().splitlines()]
+    assert all(r["task"] == r["meta"]["kind"] for r in records)
+    (tmp_path / "images").symlink_to((demo_src / "images").absolute())
+    _jsonl(tmp_path / "val.jsonl", [{k: v for k, v in r.items() if k != "task"} for r in records])
+    s = pack(tmp_path / "val.jsonl", tmp_path / "out", shard_size=32)
+    assert (s.read, s.written, s.tasks) == (64, 64, {})
+    assert "tasks" not in read_manifest(tmp_path / "out") and "tasks" in read_manifest(demo_shards / "val")
+    plain, tasked = _read(tmp_path / "out"), _read(demo_shards / "val")
+    assert [g["__key__"] for g in plain] == [g["__key__"] for g in tasked] == [r["id"] for r in records]
+    for p, t, r in zip(plain, tasked, records):
+        assert p["0.png"] == t["0.png"]
+        meta = json.loads(t["json"])
+        assert meta.pop("task") == r["meta"]["kind"]
+        assert p["json"] == json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def test_keys_are_sanitised_and_default_to_stem_index(tmp_path):

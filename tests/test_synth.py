@@ -44,7 +44,9 @@ def read_pixels(path: Path) -> dict:
     with Image.open(path) as im:
         a = np.asarray(im.convert("RGB"))
     size = a.shape[0]
-    bg = tuple(int(v) for v in a[0, 0])  # corners are outside every region box
+    # The background is the most common colour: at most 4 of the 16 cells hold a shape.
+    flat, counts = np.unique(a.reshape(-1, 3), axis=0, return_counts=True)
+    bg = tuple(int(v) for v in flat[counts.argmax()])
     mask = (a != bg).any(-1)
     colours = {tuple(int(v) for v in c) for c in a[mask]}
     assert len(colours) == 1, f"{path}: expected one flat shape colour, got {colours}"
@@ -80,6 +82,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert a == b
     assert stats[0] == stats[1] == {"train": 24, "val": 8, "images": 32, "by_kind": stats[0]["by_kind"]}
     assert sum(stats[0]["by_kind"].values()) == 32
+    tasks = [r["task"] for split in ("train", "val") for r in _records(tmp_path / "a" / f"{split}.jsonl")]
+    assert stats[0]["by_kind"] == {kind: tasks.count(kind) for kind in synth.KINDS}
     assert a.keys() == c.keys()
     assert a["train.jsonl"] != c["train.jsonl"]
     assert sum(a[k] != c[k] for k in a) >= 30  # nearly every image differs too
@@ -92,6 +96,8 @@ def test_record_layout_and_held_out_split(demo_src):
     assert not {r["id"] for r in train} & {r["id"] for r in val}
     assert not {r["images"][0] for r in train} & {r["images"][0] for r in val}
     for r in train + val:
+        assert list(r) == ["id", "messages", "images", "task", "meta"]
+        assert r["task"] == r["meta"]["kind"] and r["task"] in synth.KINDS  # the label evaluation scores per task by
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
         assert r["messages"][0]["content"].startswith("<image>") and r["messages"][0]["content"].count("<image>") == 1
         assert r["images"] == [f"images/{r['id']}.png"] and (demo_src / r["images"][0]).is_file()
@@ -107,6 +113,7 @@ def test_answers_are_in_the_pixels(demo_src):
         facts = read_pixels(demo_src / r["images"][0])
         question = r["messages"][0]["content"].removeprefix("<image>")
         kind = question_kind[question]
+        assert r["task"] == r["meta"]["kind"] == kind
         got = r["messages"][1]["content"]
         # The answer recomputed from pixels alone must equal the stored one, for every kind.
         assert got == synth.answer(kind, facts), (r["id"], question, got, facts)

@@ -134,15 +134,16 @@ def read_metrics(path: Path) -> tuple[list[dict], int]:
     return records, bad
 
 
-def _curves(records: list[dict]) -> tuple[dict, dict, dict, list[int]]:
-    """Step -> value for training loss, held-out loss and lr, and the steps where a resumed segment begins.
+def _curves(records: list[dict]) -> tuple[dict, dict, dict, list[int], dict]:
+    """Step -> value for training loss, held-out loss and lr, the steps where a resumed segment begins, and step ->
+    held-out exact match (run.eval_generate; empty without it).
 
     A resumed run appends to the same file. It starts where its checkpoint was, so whatever the killed run
     logged from that step on is dropped: each curve shows the history of the run that went on. A new segment
     shows as a clock that goes back (`time` counts from each process's start) or a training step that does
     not advance.
     """
-    loss, val, lr, resumes = {}, {}, {}, []
+    loss, val, lr, resumes, em = {}, {}, {}, [], {}
     last_step, last_time = None, None
     for r in records:
         step, t = r["step"], r.get("time")
@@ -150,7 +151,7 @@ def _curves(records: list[dict]) -> tuple[dict, dict, dict, list[int]]:
         step_back = "loss" in r and last_step is not None and step <= last_step
         if clock_back or step_back:
             resumes.append(step)
-            for curve in (loss, val, lr):
+            for curve in (loss, val, lr, em):
                 for s in [s for s in curve if s >= step]:
                     del curve[s]
         if isinstance(t, (int, float)):
@@ -162,7 +163,9 @@ def _curves(records: list[dict]) -> tuple[dict, dict, dict, list[int]]:
                 lr[step] = r["lr"]
         if "val_loss" in r:
             val[step] = r["val_loss"]
-    return loss, val, lr, resumes
+        if "val_exact_match" in r:
+            em[step] = r["val_exact_match"]
+    return loss, val, lr, resumes, em
 
 
 def plot_curves(run_dir: Path | str) -> Path | None:
@@ -183,7 +186,7 @@ def plot_curves(run_dir: Path | str) -> Path | None:
     records, bad = read_metrics(source)
     if bad:
         log.warning("%s: %d line(s) that are not metrics records were ignored", source, bad)
-    loss, val, lr, resumes = _curves(records)
+    loss, val, lr, resumes, em = _curves(records)
     if not loss and not val:
         log.warning("no loss plot: %s holds no loss records yet", source)
         return None
@@ -208,7 +211,16 @@ def plot_curves(run_dir: Path | str) -> Path | None:
     ax_loss.set_ylabel("loss (per supervised token)")
     ax_loss.set_title(run_dir.name)
     ax_loss.grid(alpha=0.3)
-    ax_loss.legend(loc="upper right")
+    handles, labels = ax_loss.get_legend_handles_labels()
+    if em:  # on its own axis at the right: a percentage beside per-token losses
+        ax_em = ax_loss.twinx()
+        steps = sorted(em)
+        line = ax_em.plot(steps, [em[s] for s in steps], label="held-out exact match (%)", color="tab:red", lw=1.5,
+                          marker="s", ms=3)
+        ax_em.set_ylim(0, 100)
+        ax_em.set_ylabel("exact match (%)")
+        handles, labels = handles + line, labels + ["held-out exact match (%)"]
+    ax_loss.legend(handles, labels, loc="upper right")
     if lr:
         steps = sorted(lr)
         ax_lr.plot(steps, [lr[s] for s in steps], color="tab:green", lw=1.2)

@@ -133,6 +133,9 @@ class Run:
     state: TrainState
     saved_step: int | None = None  # the step whose checkpoint this run holds (saved, or resumed from)
     val_losses: dict = field(default_factory=dict)
+    answerer: object = None  # vlora.generate.Answerer over `model`, when run.eval_generate asks for answers
+    answer_items: list = field(default_factory=list)  # this rank's share of the held-out samples it answers
+    val_exact_match: dict = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
@@ -174,10 +177,18 @@ def build(cfg: Config, plan: Plan, resources: contextlib.ExitStack) -> Run:
     resources.callback(metrics.close)
     trace = Trace(cfg.run_dir, world.rank, digests=cfg.run.param_digest, keys=cfg.run.trace_keys)
     resources.callback(trace.close)
-    return Run(cfg=cfg, plan=plan, world=world, precision=precision, engine=engine, processor=processor,
-               model=model, loss_model=loss_model, optimizer=optimizer, collator=collator, batches=batches,
-               heldout=heldout, metrics=metrics, trace=trace, heartbeat=Heartbeat(world), preemption=preemption,
-               state=state, saved_step=state.step if resume_from is not None else None)
+    run = Run(cfg=cfg, plan=plan, world=world, precision=precision, engine=engine, processor=processor,
+              model=model, loss_model=loss_model, optimizer=optimizer, collator=collator, batches=batches,
+              heldout=heldout, metrics=metrics, trace=trace, heartbeat=Heartbeat(world), preemption=preemption,
+              state=state, saved_step=state.step if resume_from is not None else None)
+    if cfg.run.eval_generate:
+        from vlora.evaluate import heldout_items
+        from vlora.generate import Answerer
+
+        run.answer_items = heldout_items(cfg.data.val, cfg.run.eval_generate, rank=world.rank, world_size=world.size)
+        run.answerer = Answerer(model, processor, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+                                synced_gpus=engine.lockstep)
+    return run
 
 
 def _prepare_run_dir(cfg: Config, world: World) -> None:
@@ -391,11 +402,24 @@ def _count_skips(run: Run, result, bad_in_a_row: int) -> int:
 
 
 def _evaluate_and_log(run: Run) -> None:
+    """Held-out loss, and with run.eval_generate the exact match of greedy answers: logged and kept."""
+    from vlora.evaluate import heldout_exact_match
+
     step = run.state.step
     run.val_losses[step] = evaluate(run.loss_model, run.heldout, run.world, run.precision, run.engine.lockstep)
-    run.metrics.write({"step": step, "val_loss": run.val_losses[step]})
+    record = {"step": step, "val_loss": run.val_losses[step]}
+    line = f"step {step:>5} | held-out loss {run.val_losses[step]:.4f}"
+    if run.answerer is not None:
+        run.loss_model.eval()  # no LoRA dropout; and no activation checkpointing, so generate keeps its cache
+        with run.precision.autocast():
+            em = heldout_exact_match(run.answerer, run.answer_items, batch_size=run.cfg.optim.micro_batch,
+                                     lockstep=run.engine.lockstep)
+        run.loss_model.train()
+        run.val_exact_match[step] = record["val_exact_match"] = em
+        line += f" | exact match {em:.1f}% ({run.cfg.run.eval_generate} answers)"
+    run.metrics.write(record)
     if step < run.cfg.optim.max_steps:
-        run.metrics.info(f"step {step:>5} | held-out loss {run.val_losses[step]:.4f}")
+        run.metrics.info(line)
 
 
 def save(run: Run, data_position: dict | None = None, preempted: bool = False) -> Path:
@@ -438,6 +462,9 @@ def finish(run: Run) -> None:
     if world.is_main and 0 in run.val_losses:
         print(f"held-out loss: {run.val_losses[0]:.4f} at step 0 -> {run.val_losses[last]:.4f} at step {last}",
               flush=True)
+    if world.is_main and 0 in run.val_exact_match:
+        print(f"held-out exact match: {run.val_exact_match[0]:.1f}% at step 0 -> {run.val_exact_match[last]:.1f}% "
+              f"at step {last}", flush=True)
     if world.is_main:
         print(f"adapter saved to {adapter_dir}", flush=True)
 

@@ -4,7 +4,8 @@ Every source format is read into one layout, so packing, collation and evaluatio
 
     {"messages": [{"role": "system" | "user" | "assistant",
                    "content": [{"type": "image", **per_image_keys} | {"type": "text", "text": str}, ...]}, ...],
-     "images": [Path | str, ...]}    # one per {"type": "image"}, in reading order: a resolved path or a data: URI
+     "images": [Path | str, ...],    # one per {"type": "image"}, in reading order: a resolved path or a data: URI
+     "task": str}                    # only when the record has one (see below)
 
 Formats (detected per file from its first records; one reader function each):
   - "sharegpt": ShareGPT / LLaMA-Factory `{"messages": [{"role", "content": "<image>..."}], "images": [...]}`.
@@ -22,6 +23,9 @@ Formats (detected per file from its first records; one reader function each):
   In both, an image placeholder in the answer (output / text / caption) is an image_count_mismatch reject: the
   images belong to the user turn. `"image": null` / `"images": null` (any format) means no images.
 Any format may add a top-level "system" string; files may hold several images and turns per sample.
+Any format may add a top-level "task" string (e.g. "caption", "vqa"), kept on the sample so evaluation can
+score per task: 1-64 characters, not blank, no control characters, else a `bad_task` reject; `"task": null`
+means none. It is read once, in `to_sample`, not by the readers.
 To add a format: write `_read_<name>(record) -> (messages, image list)` and `_is_<name>(record) -> bool`, and
 register both in FORMATS (order = detection priority).
 
@@ -40,6 +44,7 @@ import itertools
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -52,6 +57,7 @@ PER_IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 PLACEHOLDER = re.compile(r"<image>|<image_(?:no_)?(\d+)>|<\|vision_start\|>(.*?)<\|vision_end\|>")
 # How many records detection looks at before giving up: enough to skip a few broken lines.
 DETECT_WINDOW = 64
+MAX_TASK = 64  # characters of a record's "task" label
 BOM = b"\xef\xbb\xbf"
 
 
@@ -402,11 +408,31 @@ def detect(record) -> str | None:
     return None
 
 
+def record_task(record: dict) -> str | None:
+    """The record's top-level "task" label (None when absent or null); RecordError("bad_task") unless it is a
+    non-blank string of at most MAX_TASK characters without control characters (it becomes a per-task metric name)."""
+    task = record.get("task")
+    if task is None:
+        return None
+    if not isinstance(task, str):
+        raise RecordError("bad_task", f"'task' must be a string, got a JSON {type(task).__name__}")
+    if not task.strip():
+        raise RecordError("bad_task", "'task' is empty; name the task (e.g. \"caption\") or leave the key out")
+    if len(task) > MAX_TASK:
+        raise RecordError("bad_task", f"'task' {task[:40]!r}... has {len(task)} characters, over {MAX_TASK}; shorten it")
+    if bad := next((c for c in task if unicodedata.category(c) == "Cc"), None):
+        raise RecordError("bad_task", f"'task' {task!r} holds the control character {bad!r}; remove it")
+    return task
+
+
 def to_sample(record: dict, fmt: str, resolve: Callable[[str], Path | str]) -> dict:
-    """One raw record of format `fmt` -> canonical sample; RecordError if it cannot be one."""
+    """One raw record of format `fmt` -> canonical sample (with "task" only when the record has one);
+    RecordError if it cannot be one."""
+    task = record_task(record)
     messages, listed = FORMATS[fmt][1](record)
     messages = _with_system(record, messages)
-    return {"messages": messages, "images": _bind_images(messages, listed, resolve)}
+    sample = {"messages": messages, "images": _bind_images(messages, listed, resolve)}
+    return sample if task is None else {**sample, "task": task}
 
 
 # --- files ----------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ worker. Every record read is either written or rejected (read == written + rejec
 line of rejects.jsonl with its file, record index (and line, for JSON Lines), a reason code and a detail:
 
     invalid_json, invalid_utf8, bad_record    the line or record cannot be read as a sample
+    bad_task                                  a "task" that is not a string of 1-64 characters (not blank,
+                                              no control characters)
     image_count_mismatch                      placeholders and the image list disagree (or one sits in an answer)
     special_token                             a Qwen control token (<|im_end|>, <|image_pad|>, ...) in the text
     no_assistant, empty_answer                nothing to learn from
@@ -21,11 +23,14 @@ line of rejects.jsonl with its file, record index (and line, for JSON Lines), a 
 
 Written samples, one per key:
 
-    KEY.json    {"messages": canonical messages, "source": {"file", "index"[, "line"]}, "images": [{"width", "height"}]}
+    KEY.json    {"messages": canonical messages, "source": {"file", "index"[, "line"]}, "images": [{"width", "height"}][,
+                 "task": the record's task label, only when it has one]}
     KEY.0.png   the original image bytes, never re-encoded (KEY.1.jpg, ... for more images)
 
 The same inputs and flags give byte-identical shards and manifest (fixed tar metadata, sorted JSON, results
 taken in record order whatever the number of workers), so shard hashes in the manifest identify the data.
+The manifest counts the written samples per task ("tasks": {task: n}) when any record has a task; without
+tasks, shards and manifest are what they were before tasks existed.
 Everything is written to a temporary sibling folder that replaces `out` only when complete: a crash never
 leaves a folder that looks like a finished shard set.
 
@@ -101,6 +106,7 @@ class PackSummary:
     skipped: list = field(default_factory=list)  # "name (why)" of files and folders under a folder src not read
     shard_size: int = 0
     last_shard: int = 0  # samples in the last shard: readers whose share holds it get fewer samples per epoch
+    tasks: dict = field(default_factory=dict)  # written samples per "task" label (samples without one not counted)
     src: str = ""
     out: str = ""
     seconds: float = 0.0
@@ -724,6 +730,9 @@ class _Taker:
         floors = [max_pixels_floor(p, z["width"], z["height"]) for p, z in zip(parts, sizes)]
         s.max_pixels_floor = max([s.max_pixels_floor, *floors])
         meta = {"messages": rec.sample["messages"], "source": {"file": name, "index": rec.index, **line}, "images": sizes}
+        if (task := rec.sample.get("task")) is not None:  # absent, not null: task-free shards stay byte-identical
+            meta["task"] = task
+            s.tasks[task] = s.tasks.get(task, 0) + 1
         self.writer.write({"__key__": key, "json": _dumps(meta), **entry})
         s.written += 1
 
@@ -733,6 +742,7 @@ def _manifest(s: PackSummary, stats: list[dict], shards: list[dict], checks: dic
     s.shards = len(shards)
     s.last_shard = shards[-1]["samples"] if shards else 0
     s.rejects_by_reason = dict(sorted(s.rejects_by_reason.items()))
+    s.tasks = dict(sorted(s.tasks.items()))
     s.paths_resolved_by_suffix = sum(st["paths_resolved_by_suffix"] for st in stats)
     assert s.read == s.written + s.rejected == sum(st["records"] for st in stats)
     for st in stats:
@@ -753,5 +763,5 @@ def _manifest(s: PackSummary, stats: list[dict], shards: list[dict], checks: dic
         # checked at.
         "checks": {**checks, "max_pixels_floor": s.max_pixels_floor}
                   | ({"max_tokens": tokens[0], "model": tokens[1]} if tokens else {}),
-    }
+    } | ({"tasks": s.tasks} if s.tasks else {})  # only with tasks: a task-free manifest keeps its bytes
 

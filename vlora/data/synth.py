@@ -8,10 +8,11 @@ within minutes on a CPU, and the tests can check the answers against the images 
 The output is a ShareGPT / LLaMA-Factory dataset folder:
 
     out_dir/images/train-000001.png ...
-    out_dir/train.jsonl   {"id", "messages": [user "<image>...", assistant "..."], "images", "meta"}
+    out_dir/train.jsonl   {"id", "messages": [user "<image>...", assistant "..."], "images", "task", "meta"}
     out_dir/val.jsonl     the held-out split, from its own random stream
 
-`meta` carries the generating parameters (ignored by readers) so evaluation can score per question kind.
+`task` is the question kind (caption, colour, shape, count, position): packing keeps it in each sample, so
+evaluation can score per kind. `meta` carries the generating parameters, the kind included (ignored by readers).
 The same seed gives byte-identical files: the random streams are seeded from strings, PIL's PNG encoder
 is deterministic, and nothing time-dependent is written.
 """
@@ -49,19 +50,27 @@ QUESTIONS = {
 }
 
 
-def region_box(region: str, size: int) -> tuple[float, float, float, float]:
-    """The (x0, y0, x1, y1) box that shapes of `region` are drawn in.
+# The image is a GRID x GRID board of cells, and every shape sits in one cell. At the demo's 112 px, a cell is 28 px:
+# exactly one Qwen2.5-VL image token (14 px patches, merged 2 x 2), so each shape fills one token of its own.
+# (Shapes drawn across token borders, in a random frozen vision tower, left too weak a signal for the tiny model to
+# learn colour, shape, count or position within the demo's 300 steps.)
+GRID = 4
+# Each region is four cells, and no cell belongs to two regions: top and bottom are the first and last rows,
+# left and right the two halves of the middle rows.
+REGION_CELLS = {
+    "left": ((1, 0), (1, 1), (2, 0), (2, 1)),
+    "right": ((1, 2), (1, 3), (2, 2), (2, 3)),
+    "top": ((0, 0), (0, 1), (0, 2), (0, 3)),
+    "bottom": ((3, 0), (3, 1), (3, 2), (3, 3)),
+}
 
-    The four boxes never overlap (they only touch at corners), so 'left' and 'top' can't be
-    confused: left/right boxes span the middle third vertically, top/bottom the middle third horizontally.
-    """
-    a, b = 0.35 * size, 0.65 * size
-    return {
-        "left": (0.0, a, a, b),
-        "right": (b, a, float(size), b),
-        "top": (a, 0.0, b, a),
-        "bottom": (a, b, b, float(size)),
-    }[region]
+
+def region_box(region: str, size: int) -> tuple[float, float, float, float]:
+    """The (x0, y0, x1, y1) box that holds the cells of `region` (boxes of different regions never overlap)."""
+    rows = [r for r, _ in REGION_CELLS[region]]
+    cols = [c for _, c in REGION_CELLS[region]]
+    cell = size / GRID
+    return (min(cols) * cell, min(rows) * cell, (max(cols) + 1) * cell, (max(rows) + 1) * cell)
 
 
 def caption(meta: dict) -> str:
@@ -95,8 +104,8 @@ def draw_image(meta: dict, size: int) -> Image.Image:
 
 
 def sample_meta(rng: random.Random, size: int) -> dict:
-    """Draw one image's parameters. Shapes sit in distinct cells of a 2x2 grid inside the region
-    box, with a margin, so they never touch: the count is the number of connected blobs."""
+    """Draw one image's parameters. Each shape sits in its own cell of the region, with a margin on every side,
+    so shapes never touch: the count is the number of connected blobs."""
     meta = {
         "colour": rng.choice(sorted(COLOURS)),
         "shape": rng.choice(SHAPES),
@@ -104,16 +113,15 @@ def sample_meta(rng: random.Random, size: int) -> dict:
         "region": rng.choice(REGIONS),
         "background": rng.choice(sorted(BACKGROUNDS)),
     }
-    bx0, by0, bx1, by1 = region_box(meta["region"], size)
-    cw, ch = (bx1 - bx0) / 2, (by1 - by0) / 2
+    cell = size / GRID
     margin = max(1, round(size / 56))
     boxes = []
-    for cell in sorted(rng.sample(range(4), meta["count"])):
-        cx0, cy0 = bx0 + (cell % 2) * cw, by0 + (cell // 2) * ch
-        side = max(3, int((min(cw, ch) - 2 * margin) * rng.uniform(0.7, 1.0)))
+    for k in sorted(rng.sample(range(4), meta["count"])):
+        row, col = REGION_CELLS[meta["region"]][k]
+        side = max(3, int((cell - 2 * margin) * rng.uniform(0.75, 1.0)))
         # Jitter inside the cell; ints keep the drawing exact and the JSON short.
-        x0 = int(cx0 + margin + rng.uniform(0, cw - 2 * margin - side))
-        y0 = int(cy0 + margin + rng.uniform(0, ch - 2 * margin - side))
+        x0 = int(col * cell + margin + rng.uniform(0, cell - 2 * margin - side))
+        y0 = int(row * cell + margin + rng.uniform(0, cell - 2 * margin - side))
         boxes.append([x0, y0, x0 + side - 1, y0 + side - 1])
     meta["boxes"] = boxes
     return meta
@@ -139,6 +147,7 @@ def _write_split(out: Path, split: str, n: int, seed: int, size: int, by_kind: d
                 {"role": "assistant", "content": answer(kind, meta)},
             ],
             "images": [f"images/{sid}.png"],
+            "task": kind,
             "meta": {"kind": kind, **meta},
         }
         lines.append(json.dumps(record, sort_keys=False))

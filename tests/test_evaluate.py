@@ -1,0 +1,148 @@
+"""`vlora eval` and in-training exact match (run.eval_generate): the report's numbers agree with its own items and
+with an independent recomputation; an adapter that changes nothing scores exactly as the base."""
+
+import collections
+import json
+
+import pytest
+import torch
+
+from helpers import random_adapter, train_in_process
+from vlora import cli
+from vlora.evaluate import ADAPTER, heldout_loss, read_samples
+from vlora.generate import BASE, Answerer, Request, load_for_inference, split_answer
+from vlora.scoring import exact_match, normalize_answer
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+PIXELS = ["--min-pixels", "3136", "--max-pixels", "12544"]
+
+
+@pytest.fixture(scope="module")
+def report(tiny_model_dir, demo_shards, tmp_path_factory):
+    """`vlora eval` of a random adapter on 12 held-out demo samples: (report.json, the folder, printed lines)."""
+    adapter = random_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), seed=3)
+    out = tmp_path_factory.mktemp("eval")
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli.main(["eval", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--shards",
+                         str(demo_shards / "val"), "--out", str(out), "--max-samples", "12", "--dtype", "fp32",
+                         "--device", "cpu", "--max-new-tokens", "12", *PIXELS])
+    assert code == 0
+    return json.loads((out / "report.json").read_text()), out, printed.getvalue().splitlines()
+
+
+def test_the_report_table_is_the_mean_of_its_items(report):
+    rep, out, _ = report
+    assert rep["n_items"] == 12 and rep["systems"] == ["adapter", "base", "majority"]
+    assert rep["task_source"] == "label"  # the demo shards carry each sample's kind as its task
+    for system in rep["systems"]:
+        by_task = collections.defaultdict(list)
+        for item in rep["items"]:
+            # Each item's verdict is exact match of its answer against its reference, recomputed here.
+            assert item["correct"][system] == bool(exact_match(item["answers"][system], item["reference"]))
+            by_task[item["task"]].append(item["correct"][system])
+        scores = rep["scores"][system]
+        assert sorted(scores["tasks"]) == sorted(by_task)
+        for task, verdicts in by_task.items():
+            assert scores["tasks"][task]["n"] == len(verdicts)
+            assert scores["tasks"][task]["exact_match"] == pytest.approx(100 * sum(verdicts) / len(verdicts))
+        everything = [v for vs in by_task.values() for v in vs]
+        assert scores["all"]["exact_match"] == pytest.approx(100 * sum(everything) / len(everything))
+    html = (out / "report.html").read_text()
+    assert "<table" in html and html.count("data:image/png;base64,") == 12
+
+
+def test_the_majority_baseline_answers_each_tasks_most_frequent_reference(report):
+    rep = report[0]
+    refs = collections.defaultdict(collections.Counter)
+    for item in rep["items"]:
+        refs[item["task"]][normalize_answer(item["reference"])] += 1
+    for item in rep["items"]:
+        top = max(refs[item["task"]].values())
+        most = sorted(a for a, n in refs[item["task"]].items() if n == top)[0]
+        assert normalize_answer(item["answers"]["majority"]) == most
+
+
+def test_the_answers_are_the_models_own(report, tiny_model_dir, demo_shards):
+    """The adapter's and the base's answers in the report equal greedy answers computed here, one at a time."""
+    rep = report[0]
+    samples = read_samples(str(demo_shards / "val"), 3)
+    adapter_dir = rep["adapter"]
+    model, processor = load_for_inference(str(tiny_model_dir), {ADAPTER: adapter_dir}, dtype="fp32", device="cpu")
+    answerer = Answerer(model, processor, min_pixels=3136, max_pixels=12544)
+    from vlora.data.collate import sample_images
+
+    by_key = {i["key"]: i for i in rep["items"]}
+    for s in samples:
+        messages, _ = split_answer(json.loads(s["json"])["messages"])
+        for system, name in (("adapter", ADAPTER), ("base", BASE)):
+            with answerer.use_adapter(name):
+                [mine] = answerer.answer([Request(messages, sample_images(s))], max_new_tokens=12)
+            assert by_key[s["__key__"]]["answers"][system] == mine
+    assert any(i["answers"]["adapter"] != i["answers"]["base"] for i in rep["items"])  # the adapter matters
+    assert rep["heldout_loss"]["adapter"] != pytest.approx(rep["heldout_loss"]["base"], rel=1e-3)
+
+
+def test_the_printed_table_shows_every_task_and_the_overall_row(report):
+    rep, out, lines = report
+    table = [line.split() for line in lines if line.startswith("  ")]
+    rows = {cells[0]: cells for cells in table[1:]}
+    assert sorted(rows) == sorted([*rep["scores"]["adapter"]["tasks"], "all"])
+    for task, cells in rows.items():
+        n = rep["scores"]["adapter"]["all" if task == "all" else "tasks"]
+        n = n["n"] if task == "all" else n[task]["n"]
+        assert int(cells[1]) == n
+        adapter_em = rep["scores"]["adapter"]["all"] if task == "all" else rep["scores"]["adapter"]["tasks"][task]
+        assert cells[2] == f"{adapter_em['exact_match']:.1f}%"
+    assert any(str(out / "report.html") in line for line in lines)
+
+
+def test_an_adapter_at_its_init_has_the_bases_heldout_loss(tiny_model_dir, demo_shards, tmp_path):
+    """peft's init leaves B = 0: the adapter must change nothing, so its held-out loss equals the base's exactly."""
+    from conftest import tiny_lora_model
+    from vlora.data.collate import Collator
+
+    model = tiny_lora_model(tiny_model_dir)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    model.save_pretrained(str(tmp_path / "zero"))
+    model, processor = load_for_inference(str(tiny_model_dir), {ADAPTER: str(tmp_path / "zero")}, dtype="fp32",
+                                          device="cpu")
+    collator = Collator(processor, min_pixels=3136, max_pixels=12544, max_length=4096)
+    samples = read_samples(str(demo_shards / "val"), 8)
+    answerer = Answerer(model, processor, min_pixels=3136, max_pixels=12544)
+    losses = {}
+    for name in (ADAPTER, BASE):
+        with answerer.use_adapter(name):
+            losses[name] = heldout_loss(model, collator, samples, batch_size=4)
+    assert losses[ADAPTER] == losses[BASE] and 0 < losses[BASE] < 20
+
+
+@pytest.mark.slow
+def test_training_logs_the_exact_match_that_its_adapter_gives(monkeypatch, tiny_model_dir, demo_shards, tmp_path):
+    """run.eval_generate: val_exact_match at every evaluation; the last equals what the saved adapter scores on
+    the same held-out samples when loaded afresh."""
+    run = train_in_process(monkeypatch, tiny_model_dir, demo_shards, tmp_path, **{
+        "optim.max_steps": 4, "optim.global_batch": 4, "optim.micro_batch": 2, "run.eval_every": 2,
+        "run.eval_generate": 6, "data.val_samples": 8, "run.plot": "true"})
+    records = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["val_exact_match"] for r in records if "val_exact_match" in r}
+    assert sorted(logged) == [0, 2, 4] and all(0 <= v <= 100 for v in logged.values())
+    model, processor = load_for_inference(str(tiny_model_dir), {ADAPTER: str(run.dir / "adapter")}, dtype="fp32",
+                                          device="cpu")
+    answerer = Answerer(model, processor, min_pixels=run.cfg.data.min_pixels, max_pixels=run.cfg.data.max_pixels)
+    hits = []
+    for s in read_samples(str(demo_shards / "val"), 6):
+        messages, reference = split_answer(json.loads(s["json"])["messages"])
+        from vlora.data.collate import sample_images
+
+        [answer] = answerer.answer([Request(messages, sample_images(s))])
+        hits.append(exact_match(answer, reference))
+    assert logged[4] == pytest.approx(100 * sum(hits) / len(hits))
+    assert (run.dir / "curves.png").is_file()

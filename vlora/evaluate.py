@@ -1,0 +1,226 @@
+"""`vlora eval`: does the adapter make the model answer better? Held-out loss, and answers scored per task.
+
+For the first `--max-samples` samples of a shard folder (packed by `vlora pack`), in order:
+  - the held-out loss per supervised token (the training loss, on answers only), with the adapter and without;
+  - the last assistant turn of each sample is generated (greedy; earlier turns stay as written) by the adapter,
+    by the base alone, and answered by the majority baseline (each task's most frequent reference answer);
+  - answers are scored per task by vlora.scoring: normalised exact match for every task; BLEU-4 and CIDEr-D for
+    caption tasks. A sample's task is the `task` label stored at packing, else told by its answer's length.
+Writes report.json and report.html (vlora.report) to `--out`, and prints the table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from vlora.errors import VloraError
+from vlora.generate import BASE, Answerer, Request, load_for_inference, prompt_text, split_answer, vision_dtype
+
+ADAPTER = "adapter"  # the adapter's name in the model and in the report
+
+
+def read_samples(shards: str, max_samples: int) -> list[dict]:
+    """The first `max_samples` samples of a shard folder, in shard order, as webdataset dicts."""
+    import webdataset as wds
+
+    from vlora.data.stream import shard_paths
+
+    if not (Path(shards) / "manifest.json").is_file():
+        raise VloraError(f"--shards {shards}: no manifest.json there; give a folder written by `vlora pack`")
+    stream = wds.WebDataset(shard_paths(shards), shardshuffle=False, nodesplitter=lambda urls: urls, empty_check=False)
+    samples = list(itertools.islice(stream, max_samples))
+    if not samples:
+        raise VloraError(f"--shards {shards}: no samples")
+    return samples
+
+
+def eval_items(samples: list[dict]) -> tuple[list[dict], str]:
+    """Per sample: key, task, prompt messages, reference, images; and where the tasks came from."""
+    from vlora.data.collate import sample_images
+    from vlora.scoring import task_of
+
+    items, sources = [], set()
+    for s in samples:
+        meta = json.loads(s["json"])
+        messages, reference = split_answer(meta["messages"])
+        task, how = task_of(meta.get("task"), reference)
+        sources.add(how)
+        items.append({"key": s.get("__key__", ""), "task": task, "messages": messages, "reference": reference,
+                      "images": sample_images(s)})
+    return items, sources.pop() if len(sources) == 1 else "mixed"
+
+
+@torch.no_grad()
+def heldout_loss(model, collator, samples: list[dict], batch_size: int) -> float:
+    """Summed cross-entropy over the supervised tokens / their count, with whatever adapter is active."""
+    from vlora.model import SupervisedLoss
+
+    loss_model = SupervisedLoss(model).eval()
+    device = next(model.parameters()).device
+    encoded = [x for x in map(collator.encode, samples) if x is not None]
+    total, count = 0.0, 0
+    for k in range(0, len(encoded), batch_size):
+        batch = collator.collate(encoded[k:k + batch_size])
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        total += loss_model(batch).double().item()
+        count += batch["loss_index"].numel()
+    return total / count if count else float("nan")
+
+
+def answers_by_system(answerer: Answerer, items: list[dict], systems: list[str], **gen) -> dict[str, list[str]]:
+    """{system: answers in item order} for the model systems (the adapter and / or the base)."""
+    out = {}
+    for system in systems:
+        name = ADAPTER if system == "adapter" else BASE
+        requests = [Request(messages=i["messages"], images=i["images"], adapter=name, id=i["key"]) for i in items]
+        out[system] = answerer.run(requests, **gen)
+    return out
+
+
+def evaluate(model_path: str, adapter: str | None, shards: str, out: str, *, max_samples: int = 256,
+             with_base: bool = True, quant: str = "nf4", dtype: str = "auto", device: str | None = None,
+             batch_size: int = 16, max_new_tokens: int = 32, min_pixels: int, max_pixels: int) -> dict:
+    """Score `adapter` (and the base alone, and the majority baseline) on `shards`; write the report; return it."""
+    from vlora.data.collate import Collator
+    from vlora.report import write_report
+    from vlora.scoring import exact_match, majority_items, score_items
+
+    start = time.time()
+    samples = read_samples(shards, max_samples)
+    items, task_source = eval_items(samples)
+    model, processor = load_for_inference(model_path, {ADAPTER: adapter} if adapter else {}, quant=quant,
+                                          dtype=dtype, device=device)
+    systems = (["adapter"] if adapter else []) + (["base"] if with_base or not adapter else [])
+    collator = Collator(processor, min_pixels=min_pixels, max_pixels=max_pixels, max_length=1 << 30,
+                        pixel_dtype=vision_dtype(model))
+    answerer = Answerer(model, processor, min_pixels=min_pixels, max_pixels=max_pixels)
+    losses = {}
+    for system in systems:
+        with answerer.use_adapter(ADAPTER if system == "adapter" else BASE):
+            losses[system] = heldout_loss(model, collator, samples, batch_size)
+    answers = answers_by_system(answerer, items, systems, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    scored = {s: [{"task": i["task"], "reference": i["reference"], "prediction": a}
+                  for i, a in zip(items, answers[s])] for s in systems}
+    scored["majority"] = majority_items(next(iter(scored.values())))
+    scores = {s: score_items(v) for s, v in scored.items()}
+    report = {
+        "model": model_path, "adapter": adapter, "shards": shards, "n_items": len(items),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "heldout_loss": losses,
+        "tokenizer": next(iter(scores.values()))["tokenizer"], "task_source": task_source,
+        "systems": [*systems, "majority"], "scores": {s: {"tasks": v["tasks"], "all": v["all"]} for s, v in scores.items()},
+        "seconds": round(time.time() - start, 1),
+        "items": [{"key": i["key"], "task": i["task"], "prompt": prompt_text(i["messages"]), "reference": i["reference"],
+                   "image": i["images"][0] if i["images"] else None,
+                   "answers": {s: scored[s][n]["prediction"] for s in scored},
+                   "correct": {s: exact_match(scored[s][n]["prediction"], i["reference"]) > 0 for s in scored}}
+                  for n, i in enumerate(items)],
+    }
+    write_report(report, out)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# During training (run.eval_generate): a few held-out items answered at each evaluation
+
+
+def heldout_items(shards: str, n: int, *, rank: int, world_size: int) -> list[dict]:
+    """This rank's share (every world_size-th) of the first `n` samples of `shards`, as eval items."""
+    samples = read_samples(shards, n)
+    return eval_items([s for i, s in enumerate(samples) if i % world_size == rank])[0]
+
+
+@torch.no_grad()
+def heldout_exact_match(answerer: Answerer, items: list[dict], *, batch_size: int, lockstep: bool,
+                        max_new_tokens: int = 32) -> float:
+    """Exact match (%) of greedy answers over every rank's items, with the model as it is now.
+
+    `lockstep` (ZeRO-3, every forward gathers weights with collectives): every rank runs as many batches as the
+    rank with the most, repeating its own last batch (not counted), and generate runs with synced_gpus, so the
+    ranks that finish first keep stepping until all do.
+    """
+    from vlora.distributed import all_reduce_max, all_reduce_sum
+    from vlora.scoring import exact_match
+
+    device = next(answerer.model.parameters()).device
+    requests = [Request(messages=i["messages"], images=i["images"], adapter="", id=i["key"]) for i in items]
+    batches = [list(range(k, min(k + batch_size, len(items)))) for k in range(0, len(items), batch_size)]
+    n = len(batches)
+    if lockstep:
+        n = int(all_reduce_max(torch.tensor([n], device=device)).item())
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for b in range(n):
+        batch = batches[min(b, len(batches) - 1)]
+        answers = answerer.answer([requests[i] for i in batch], max_new_tokens=max_new_tokens)
+        if b < len(batches):
+            sums[0] += sum(exact_match(a, items[i]["reference"]) for a, i in zip(answers, batch))
+            sums[1] += len(batch)
+    all_reduce_sum(sums)
+    return 100.0 * (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+
+
+def format_table(report: dict) -> list[str]:
+    """The exact-match table as printed: one row per task, one column per system (and BLEU-4 / CIDEr-D)."""
+    systems = report["systems"]
+    tasks = sorted(report["scores"][systems[0]]["tasks"])
+    lines = [f"{'task':<12}{'n':>5}  " + "".join(f"{s + ' EM':>14}" for s in systems)]
+    for task in [*tasks, "all"]:
+        row = [report["scores"][s]["tasks"].get(task) if task != "all" else report["scores"][s]["all"] for s in systems]
+        line = f"{task:<12}{row[0]['n']:>5}  " + "".join(f"{r['exact_match']:>13.1f}%" for r in row)
+        extra = [f"{s} BLEU-4 {r['bleu4']:.1f} CIDEr-D {r['cider_d']:.3f}" for s, r in zip(systems, row)
+                 if "cider_d" in r and s != "majority"]
+        lines.append(line + ("   " + "; ".join(extra) if extra else ""))
+    return lines
+
+
+def run_pixels(adapter: str | None) -> dict:
+    """The pixel budget the adapter was trained with, from its run's config.yaml (runs/NAME/adapter/../), if any."""
+    import yaml
+
+    config = Path(adapter).parent / "config.yaml" if adapter else None
+    if config is None or not config.is_file():
+        return {}
+    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    return {k: data[k] for k in ("min_pixels", "max_pixels") if isinstance(data.get(k), int)}
+
+
+def cmd_eval(args) -> int:
+    from vlora.config import DataArgs
+
+    pixels = {"min_pixels": DataArgs.min_pixels, "max_pixels": DataArgs.max_pixels, **run_pixels(args.adapter)}
+    pixels.update({k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v})
+    out = args.out or str(Path(args.adapter).parent / "eval" if args.adapter else "eval")
+    report = evaluate(args.model, args.adapter, args.shards, out, max_samples=args.max_samples,
+                      with_base=not args.no_base, quant=args.quant, dtype=args.dtype, device=args.device,
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, **pixels)
+    losses = ", ".join(f"{s} {v:.4f}" for s, v in report["heldout_loss"].items())
+    print(f"held-out loss per supervised token: {losses}")
+    tokenizer = f"; captions tokenized by {report['tokenizer']}" if report["tokenizer"] else ""
+    print(f"exact match (%) on {report['n_items']} samples of {args.shards}; tasks from {report['task_source']}"
+          f"{tokenizer}:")
+    for line in format_table(report):
+        print("  " + line)
+    print(f"report: {Path(out) / 'report.html'} ({report['seconds']:.0f} s)")
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="score an adapter against its base and the majority answer; write report.html")
+    e.add_argument("--model", required=True, help="the base model folder (or hub id)")
+    e.add_argument("--adapter", default=None, help="the adapter folder (runs/NAME/adapter); none: the base alone")
+    e.add_argument("--shards", required=True, help="a held-out shard folder (vlora pack --out)")
+    e.add_argument("--out", default=None, help="where report.json / report.html go (default: beside the adapter, eval/)")
+    e.add_argument("--max-samples", type=int, default=256)
+    e.add_argument("--no-base", action="store_true", help="skip the base model's answers (half the time)")
+    e.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"], help="the base's LLM linears, as trained")
+    e.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
+    e.add_argument("--device", default=None)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--min-pixels", type=int, default=None, help="default: the run's data.min_pixels (its config.yaml)")
+    e.add_argument("--max-pixels", type=int, default=None, help="default: the run's data.max_pixels (its config.yaml)")
+    e.set_defaults(func=cmd_eval)

@@ -1,0 +1,297 @@
+"""Answers from a base model with zero or more named LoRA adapters: `vlora generate`, and the generation step of
+`vlora eval` and of in-training evaluation (`run.eval_generate`).
+
+A request is the conversation up to the answer (the shard layout's canonical messages) with its images as file
+bytes, and the name of the adapter that answers it (`base` = no adapter). What is batched how:
+  - requests are grouped by adapter, and each group runs as batches of `batch_size` (longest prompts first, so
+    a batch pads little), left-padded, through `model.generate`; one adapter is active per batch (peft's
+    mixed-adapter batches do not cover LoRA on the merger or the vision tower, nor DoRA);
+  - `base` runs the same batches with every adapter disabled (peft's `disable_adapter`), on the same weights.
+Images are resized exactly as in training (qwen-vl-utils with the given pixel budget, then the processor without
+resizing), so an adapter sees at inference the image tokens it was trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from vlora.errors import VloraError
+
+BASE = "base"  # the adapter name that means: no adapter
+
+
+@dataclass
+class Request:
+    messages: list[dict]  # canonical messages (vlora.data.formats), ending with the turn to answer
+    images: list[bytes] = field(default_factory=list)  # one file per {"type": "image"} part, in reading order
+    adapter: str = BASE
+    id: str = ""
+
+
+def split_answer(messages: list[dict]) -> tuple[list[dict], str]:
+    """(the messages before the last assistant turn, that turn's text): a held-out sample as prompt + reference.
+
+    Earlier turns stay in the prompt as they were written (teacher forcing): only the last answer is generated.
+    """
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return messages, ""
+    content = messages[last]["content"]
+    text = content if isinstance(content, str) else "".join(p.get("text", "") for p in content
+                                                            if p.get("type") == "text")
+    return messages[:last], text
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """The user-visible text of the last user turn (for reports): its text parts, images left out."""
+    for m in reversed(messages):
+        if m["role"] == "user":
+            content = m["content"]
+            return content if isinstance(content, str) else " ".join(
+                p["text"] for p in content if p.get("type") == "text").strip()
+    return ""
+
+
+class Answerer:
+    """Batched answers from a peft model (or a plain transformers model) and its processor.
+
+    `min_pixels` / `max_pixels`: the pixel budget the adapter was trained with (data.min_pixels / max_pixels).
+    `synced_gpus`: every rank runs generate's forwards in step until all ranks are done (ZeRO-3, where each forward
+    gathers weights with collectives; transformers' own flag).
+    """
+
+    def __init__(self, model, processor, *, min_pixels: int, max_pixels: int, synced_gpus: bool = False):
+        from vlora.data.collate import Collator
+
+        self.model, self.processor, self.synced_gpus = model, processor, synced_gpus
+        # The training collator's image loading: the same resizing, the same per-image keys.
+        self.images = Collator(processor, min_pixels=min_pixels, max_pixels=max_pixels, max_length=1 << 30)
+        tok = processor.tokenizer
+        self.stop_ids = [i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if i is not None]
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[0]
+
+    def encode(self, requests: list[Request]) -> dict:
+        texts, images = [], []
+        for r in requests:
+            texts.append(self.processor.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True))
+            images += self.images.load_images(r.messages, r.images)
+        device = next(self.model.parameters()).device
+        enc = self.processor(text=texts, images=images or None, do_resize=False, padding=True, padding_side="left",
+                             return_tensors="pt")
+        dtype = vision_dtype(self.model)
+        return {k: v.to(device, dtype=dtype if k == "pixel_values" else None) for k, v in enc.items()}
+
+    @torch.no_grad()
+    def answer(self, requests: list[Request], *, max_new_tokens: int = 32, do_sample: bool = False,
+               temperature: float = 1.0, top_p: float = 1.0, streamer=None) -> list[str]:
+        """One batch, all with the adapter that is active now; the answers, special tokens stripped."""
+        enc = self.encode(requests)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
+            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        out = self.model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=self.stop_ids,
+                                  pad_token_id=self.pad_id, synced_gpus=self.synced_gpus, streamer=streamer,
+                                  **sampling)
+        new = out[:, enc["input_ids"].shape[1]:]
+        return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+    def run(self, requests: list[Request], *, batch_size: int = 8, on_answer: Callable | None = None,
+            **gen) -> list[str]:
+        """Answers to every request, in request order; `on_answer(request, answer)` as each batch finishes."""
+        answers: list[str | None] = [None] * len(requests)
+        for name, idx in group_by_adapter(requests):
+            with self.use_adapter(name):
+                for batch in batches_longest_first(idx, requests, batch_size):
+                    for i, text in zip(batch, self.answer([requests[i] for i in batch], **gen)):
+                        answers[i] = text
+                        if on_answer is not None:
+                            on_answer(requests[i], text)
+        return answers  # type: ignore[return-value]
+
+    @contextlib.contextmanager
+    def use_adapter(self, name: str) -> Iterator[None]:
+        """Make `name` the active adapter for the block (`base`: none), then restore the one active before."""
+        if not hasattr(self.model, "peft_config"):
+            if name != BASE:
+                raise VloraError(f"adapter '{name}' requested, but the model was loaded without adapters")
+            yield
+            return
+        if name == BASE:
+            with self.model.disable_adapter():
+                yield
+            return
+        if name not in self.model.peft_config:
+            raise VloraError(f"no adapter named '{name}'; loaded: {', '.join(sorted(self.model.peft_config))}, base")
+        before = self.model.active_adapter
+        self.model.set_adapter(name)
+        try:
+            yield
+        finally:
+            self.model.set_adapter(before)
+
+
+def vision_dtype(model) -> torch.dtype:
+    """The dtype pixels go into the vision tower in (never quantized; a peft model or a plain one)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hf.model.visual.dtype
+
+
+def group_by_adapter(requests: list[Request]) -> list[tuple[str, list[int]]]:
+    """[(adapter, request indices)] in order of first appearance: one adapter switch per group."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.adapter, []).append(i)
+    return list(groups.items())
+
+
+def batches_longest_first(idx: list[int], requests: list[Request], batch_size: int) -> Iterable[list[int]]:
+    """Batches of indices, longest conversations first (a proxy for prompt length that needs no tokenizer)."""
+    size = lambda i: len(json.dumps(requests[i].messages)) + 1000 * len(requests[i].images)  # noqa: E731
+    ordered = sorted(idx, key=lambda i: (-size(i), i))
+    return [ordered[k:k + batch_size] for k in range(0, len(ordered), batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading, and the `vlora generate` command
+
+
+def load_for_inference(base: str, adapters: dict[str, str], *, quant: str = "nf4", dtype: str = "auto",
+                       device: str | None = None):
+    """(model, processor): the base (4-bit LLM linears, or unquantized) with every adapter loaded under its name."""
+    from transformers import AutoProcessor, BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = resolve_dtype(dtype, dev)
+    qcfg = None if quant == "none" else BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch_dtype,
+        llm_int8_skip_modules=["model.visual", "lm_head"])  # as in training (vlora.model.UNQUANTIZED_MODULES)
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, dtype=torch_dtype, quantization_config=qcfg,
+                                                                   device_map={"": dev})
+        processor = AutoProcessor.from_pretrained(base)
+    except (OSError, ValueError) as e:
+        raise VloraError(f"cannot load base model '{base}': {str(e).strip().splitlines()[0]}") from None
+    if qcfg is not None:
+        from vlora.model import keep_training_layout
+
+        keep_training_layout(model)  # the adapter was trained on this layout; the CPU inference repack differs
+    model.eval()
+    if adapters:
+        from peft import PeftModel
+
+        for k, (name, path) in enumerate(adapters.items()):
+            if not (Path(path) / "adapter_config.json").is_file():
+                raise VloraError(f"adapter '{name}': {path} holds no adapter_config.json (a PEFT adapter folder)")
+            if k == 0:
+                model = PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=False)
+            else:
+                model.load_adapter(path, adapter_name=name, is_trainable=False)
+        model.set_adapter(next(iter(adapters)))
+        model.eval()
+    return model, processor
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in table:
+        raise VloraError(f"--dtype must be auto, fp32, bf16 or fp16; got {name}")
+    return table[name]
+
+
+def parse_adapters(items: list[str]) -> dict[str, str]:
+    """`NAME=DIR` items (a bare DIR is named after its folder) -> {name: dir}; `base` is reserved."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).name or "adapter", item
+        if name == BASE or name in out or not name:
+            raise VloraError(f"--adapter {item}: adapter names must be unique, non-empty and not '{BASE}'")
+        out[name] = path
+    return out
+
+
+def read_requests(path: str, default_adapter: str) -> list[Request]:
+    """A JSONL file of requests: {"id"?, "adapter"?, "prompt", "images"?: [paths]} or {"messages", "images"?}."""
+    requests = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                requests.append(request_from(rec, default_adapter, Path(path).parent, f"{path}:{n}"))
+            except (ValueError, KeyError, TypeError, OSError) as e:
+                raise VloraError(f"{path} line {n}: {type(e).__name__}: {e}") from None
+    return requests
+
+
+def request_from(rec: dict, adapter: str, root: Path, where: str) -> Request:
+    images = [Path(p) if Path(p).is_absolute() else root / p for p in rec.get("images", [])]
+    if "messages" in rec:
+        messages = rec["messages"]
+    else:
+        parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": rec["prompt"]}]
+        messages = [{"role": "user", "content": parts}]
+    return Request(messages=messages, images=[p.read_bytes() for p in images], adapter=rec.get("adapter", adapter),
+                   id=str(rec.get("id", where)))
+
+
+def cmd_generate(args) -> int:
+    adapters = parse_adapters(args.adapter or [])
+    default = next(iter(adapters), BASE)
+    if args.requests:
+        requests = read_requests(args.requests, default)
+    elif args.prompt is not None:
+        rec = {"prompt": args.prompt, "images": [str(Path(p).resolve()) for p in args.image or []], "id": "prompt"}
+        requests = [request_from(rec, a, Path.cwd(), "prompt") for a in (args.use or [default])]
+    else:
+        raise VloraError("give --prompt (with --image) or --requests FILE.jsonl")
+    model, processor = load_for_inference(args.model, adapters, quant=args.quant, dtype=args.dtype,
+                                          device=args.device)
+    answerer = Answerer(model, processor, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    gen = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
+           "temperature": args.temperature or 1.0, "top_p": args.top_p}
+    if len(requests) == 1 and not args.requests:  # one answer: stream its tokens as they come
+        from transformers import TextStreamer
+
+        with answerer.use_adapter(requests[0].adapter):
+            answerer.answer(requests, streamer=TextStreamer(processor.tokenizer, skip_prompt=True,
+                                                            skip_special_tokens=True), **gen)
+        return 0
+
+    def emit(request: Request, text: str) -> None:  # one JSON line per answer, as its batch finishes
+        print(json.dumps({"id": request.id, "adapter": request.adapter, "answer": text}, ensure_ascii=False),
+              flush=True)
+
+    answerer.run(requests, batch_size=args.batch_size, on_answer=emit, **gen)
+    return 0
+
+
+def add_generate_parser(sub) -> None:
+    from vlora.config import DataArgs
+
+    g = sub.add_parser("generate", help="answer prompts with a base model and named adapters (streamed to stdout)")
+    g.add_argument("--model", required=True, help="the base model folder (or hub id) the adapters were trained on")
+    g.add_argument("--adapter", action="append", metavar="NAME=DIR", help="an adapter folder under a name; repeatable")
+    g.add_argument("--use", action="append", metavar="NAME", help="with --prompt: answer with these (default: the first adapter); 'base' = no adapter")
+    g.add_argument("--prompt", help="one question (streams its tokens)")
+    g.add_argument("--image", action="append", help="an image for --prompt; repeatable")
+    g.add_argument("--requests", help='a JSONL file of {"id", "adapter", "prompt", "images"} (or "messages") requests; one JSON answer line each')
+    g.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"], help="the base's LLM linears in 4 bit (as trained) or unquantized")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16")
+    g.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--min-pixels", type=int, default=DataArgs.min_pixels, help="the run's data.min_pixels")
+    g.add_argument("--max-pixels", type=int, default=DataArgs.max_pixels, help="the run's data.max_pixels")
+    g.set_defaults(func=cmd_generate)
