@@ -538,3 +538,21 @@ def test_shard_paths_are_absolute_in_manifest_order(train_dir, monkeypatch):
     paths = shard_paths("train")
     assert paths == [os.path.join(train_dir, s["name"]) for s in read_manifest(train_dir)["shards"]]
     assert [Path(p).name for p in paths] == [f"shard-{i:06d}.tar" for i in range(8)]
+
+
+def test_close_stops_the_workers_at_once(configs):
+    """Workers ignore SIGTERM (ignore_stop_signals), which is how multiprocessing stops daemon processes at
+    interpreter exit: a worker still running then would hang the exit forever. close() ends them itself."""
+    import multiprocessing
+
+    sources, encode = configs["one"]
+    before = set(multiprocessing.active_children())
+    loader = _loader(list(sources), workers=2, encode=encode)
+    _take(loader, 3)
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2 and all(p.is_alive() for p in workers)
+    held = loader._it  # as a reference cycle or a traceback's frame would: the iterator's finaliser does not run
+    loader.close()
+    assert not any(p.is_alive() for p in workers)
+    assert set(multiprocessing.active_children()) - before == set()
+    del held

@@ -172,6 +172,7 @@ def build(cfg: Config, plan: Plan, resources: contextlib.ExitStack) -> Run:
         log.info("resumed from %s at step %d", resume_from, state.step)
 
     collator, batches, heldout = _build_data(cfg, world, processor, compute_dtype, state.data, engine.lockstep)
+    resources.callback(batches.close)  # the data workers stop with the run, not at interpreter exit
     metrics = Metrics(cfg.run_dir, enabled=world.is_main, total_steps=cfg.optim.max_steps,
                       progress=cfg.run.progress, wandb_config=to_dict(cfg) if cfg.run.wandb else None)
     resources.callback(metrics.close)

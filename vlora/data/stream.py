@@ -492,7 +492,12 @@ class Loader:
                 "readers": [{"mix": r["mix"], "datasets": [dict(d) for d in r["datasets"]]} for r in self.readers]}
 
     def close(self) -> None:
-        self._it = None  # the DataLoader iterator's finaliser stops the workers
+        """Stop the workers now. Left to the iterator's finaliser, they could outlive it until interpreter exit,
+        where multiprocessing stops daemon processes with SIGTERM, which workers ignore (ignore_stop_signals),
+        and then waits for them forever."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
 
 def _check_state(state: dict, header: dict, n_sources: int) -> None:
