@@ -1,5 +1,6 @@
 """The tiny Qwen2.5-VL loads like a downloaded checkpoint, is deterministic, and runs (also in 4-bit)."""
 
+import json
 import hashlib
 
 import pytest
@@ -42,7 +43,9 @@ def image_batch(processor):
 def test_reload_is_bit_identical_to_the_in_memory_model(tiny_model_dir, model, processor):
     from transformers import Qwen2_5_VLProcessor
 
-    fresh = tiny.init_model(tiny.build_config(tiny.build_tokenizer()), seed=0).state_dict()
+    # The conftest model: seed 0 with the tests' lm_head scale and rope_theta.
+    fresh = tiny.init_model(tiny.build_config(tiny.build_tokenizer(), rope_theta=1e6), seed=0,
+                            lm_head_std=0.1).state_dict()
     loaded = model.state_dict()
     assert fresh.keys() == loaded.keys()
     for k in fresh:
@@ -125,12 +128,15 @@ def test_pixel_budget_survives_reload_and_can_be_overridden(processor):
 
 
 def test_same_seed_same_bytes(tiny_model_dir, tmp_path):
+    first = tiny.build_tiny_model(tmp_path / "first", seed=0)  # the demo's model (vlora.tiny's defaults)
     again = tiny.build_tiny_model(tmp_path / "again", seed=0)
     for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
-        assert _sha(again / name) == _sha(tiny_model_dir / name), name
+        assert _sha(again / name) == _sha(first / name), name
     other = tiny.build_tiny_model(tmp_path / "other", seed=1)
-    assert _sha(other / "model.safetensors") != _sha(tiny_model_dir / "model.safetensors")
-    assert _sha(other / "tokenizer.json") == _sha(tiny_model_dir / "tokenizer.json")
+    assert _sha(other / "model.safetensors") != _sha(first / "model.safetensors")
+    assert _sha(other / "tokenizer.json") == _sha(first / "tokenizer.json") == _sha(tiny_model_dir / "tokenizer.json")
+    # The tests' model differs from the demo's only in the lm_head and rope_theta.
+    assert json.loads((first / "config.json").read_text())["text_config"]["rope_parameters"]["rope_theta"] == 10.0
 
 
 def test_4bit_load_keeps_vision_and_lm_head_unquantized(tiny_model_dir, image_batch):

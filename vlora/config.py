@@ -121,7 +121,7 @@ class LoopArgs:
     precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 | fp16
     eval_every: int = 0  # optimizer steps between evaluations; 0 = only before and after training
     # At each evaluation, also answer this many held-out samples (greedy) and log their exact match
-    # (val_exact_match) beside the loss; 0 = loss only. Needs data.val, and at least one sample per rank.
+    # (val_exact_match) beside the loss; 0 = loss only. Ignored without data.val; at least one sample per rank.
     eval_generate: int = 0
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run (with a checkpoint)
 
@@ -393,8 +393,6 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
     if 0 < cfg.run.eval_generate < world_size:
         raise VloraError(f"run.eval_generate={cfg.run.eval_generate} leaves a rank without a sample to answer; "
                          f"give at least {world_size} (one per rank) or 0")
-    if cfg.run.eval_generate and not cfg.data.val:
-        raise VloraError("run.eval_generate answers held-out samples: set data.val to a shard folder too")
     if cfg.data.max_pixels < cfg.data.min_pixels:
         raise VloraError(f"data.max_pixels ({cfg.data.max_pixels}) is below data.min_pixels ({cfg.data.min_pixels})")
     if cfg.optim.warmup_steps > cfg.optim.max_steps:

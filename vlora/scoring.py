@@ -265,7 +265,10 @@ def majority_items(items: Sequence[dict], majority: dict[str, str] | None = None
         by_task = defaultdict(list)
         for item in items:
             by_task[item["task"]].append(item["reference"])
-        majority = majority_baseline(by_task)
+        # Answered as a reference is written (the first, alphabetically, of those that normalise to the majority):
+        # the report shows it, and BLEU / CIDEr score it, as a person's answer, not as the normalised form.
+        majority = {task: min(r for ref in refs for r in _ref_list(ref, task) if normalize_answer(r) == answer)
+                    for task, refs in by_task.items() for answer in [majority_baseline({task: refs})[task]]}
     missing = sorted({item["task"] for item in items} - set(majority))
     if missing:
         raise VloraError(f"majority_items: no majority answer for task(s) {', '.join(missing)}")

@@ -186,7 +186,7 @@ LM_HEAD_STD = 0.4
 ROPE_THETA = 10.0
 
 
-def build_config(tokenizer):
+def build_config(tokenizer, rope_theta: float = ROPE_THETA):
     """A real Qwen2.5-VL config at toy scale; the special-token ids come from `tokenizer`."""
     from transformers import Qwen2_5_VLConfig
 
@@ -197,7 +197,7 @@ def build_config(tokenizer):
         num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768,
         rms_norm_eps=1e-6, use_sliding_window=False, max_window_layers=2, attention_dropout=0.0,
         # head_dim 16 -> 8 rotary frequencies split over (temporal, height, width), like Qwen's [16, 24, 24]
-        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA, "mrope_section": [2, 3, 3]},
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": [2, 3, 3]},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         initializer_range=INIT_RANGE,
     )  # fmt: skip
@@ -221,7 +221,7 @@ def build_config(tokenizer):
     )
 
 
-def init_model(config, *, seed: int = 0):
+def init_model(config, *, seed: int = 0, lm_head_std: float = LM_HEAD_STD):
     """Random float32 weights for `config`, a pure function of `seed` (the caller's torch RNG is left alone)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -229,11 +229,12 @@ def init_model(config, *, seed: int = 0):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
         with torch.no_grad():
-            model.lm_head.weight.normal_(0.0, LM_HEAD_STD)
+            model.lm_head.weight.normal_(0.0, lm_head_std)
         return model
 
 
-def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
+def build_tiny_model(out_dir: str | Path, *, seed: int = 0, lm_head_std: float = LM_HEAD_STD,
+                     rope_theta: float = ROPE_THETA) -> Path:
     """Write a random-init tiny Qwen2.5-VL checkpoint (model + processor + README) to `out_dir`.
 
     The same `seed` gives byte-identical `model.safetensors` and tokenizer files. Returns the directory.
@@ -244,9 +245,9 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     processor = build_processor()
     tok = processor.tokenizer
-    config = build_config(tok)
+    config = build_config(tok, rope_theta)
 
-    model = init_model(config, seed=seed)
+    model = init_model(config, seed=seed, lm_head_std=lm_head_std)
     model.generation_config = GenerationConfig(
         bos_token_id=tok.pad_token_id,
         eos_token_id=[tok.eos_token_id, tok.pad_token_id],

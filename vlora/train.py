@@ -182,7 +182,7 @@ def build(cfg: Config, plan: Plan, resources: contextlib.ExitStack) -> Run:
               model=model, loss_model=loss_model, optimizer=optimizer, collator=collator, batches=batches,
               heldout=heldout, metrics=metrics, trace=trace, heartbeat=Heartbeat(world), preemption=preemption,
               state=state, saved_step=state.step if resume_from is not None else None)
-    if cfg.run.eval_generate:
+    if cfg.run.eval_generate and cfg.data.val:
         from vlora.evaluate import heldout_items
         from vlora.generate import Answerer
 
