@@ -9,7 +9,7 @@ SRC     ?=
 OUT     ?=
 PACK_ARGS ?=
 
-.PHONY: setup demo shards demo-shards tiny-model train slurm-demo test test-fast lint clean
+.PHONY: setup demo shards demo-shards tiny-model train slurm-demo bench test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,12 @@ slurm-demo: $(TINY)/config.json demo-shards
 	while [ -n "$$(squeue -h -j $$job 2>/dev/null)" ]; do sleep 2; done; sleep 1; kill $$tailer; \
 	state=$$(scontrol show job -o $$job | grep -oE '(JobState|Restarts|ExitCode)=[^ ]*' | tr '\n' ' '); \
 	echo "job $$job: $$state"; case "$$state" in JobState=COMPLETED*) ;; *) exit 1;; esac
+
+# `make bench`: vlora's step beside the usual HF Trainer recipe on the tiny 3B-structure model with the real vocabulary
+# (operator calls, FLOPs, tokens/s; docs/speed.md). ARGS="--model 7b --batch 8" for other models and shapes.
+bench: | $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(VLORA) bench --model tiny-3b --reference --check $(ARGS)
 
 test: | $(STAMP)
 	$(PY) -m pytest -q

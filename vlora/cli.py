@@ -1,4 +1,4 @@
-"""`vlora` command line: tiny-model | demo-data | pack | train | export | generate | eval.
+"""`vlora` command line: tiny-model | demo-data | pack | train | export | generate | eval | bench.
 
 Each subcommand is a thin wrapper; bad input ends in one line `vlora: error: ...` and exit status 2
 (`pack` exits 1, naming its first rejects, when more records were rejected than `--max-reject` allows).
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_train)
 
     # What comes out of a run: each command's arguments live beside its code.
+    from vlora.bench import add_bench_parser
     from vlora.evaluate import add_eval_parser
     from vlora.export import add_export_parser
     from vlora.generate import add_generate_parser
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_generate_parser(sub)
     add_eval_parser(sub)
+    add_bench_parser(sub)
     return p
 
 

@@ -63,6 +63,26 @@ def init_distributed(timeout_s: int = 600, always_group: bool = False) -> World:
     return World(rank=rank, local_rank=local_rank, size=size, device=device)
 
 
+def cpu_threads(cpus: int, local_ranks: int, data_workers: int) -> int:
+    """Intra-op threads for one rank on the CPU: its share of the cores, less one per data worker of its own."""
+    return max(1, cpus // max(1, local_ranks) - data_workers)
+
+
+def limit_cpu_threads(device: torch.device, data_workers: int) -> int | None:
+    """On the CPU, give torch only the cores the data workers leave free, unless OMP_NUM_THREADS says otherwise.
+
+    torch's default is one thread per core, and its parallel ops wait for the slowest thread: with a data worker
+    busy on one of those cores every op stalls (measured on 2 cores, 1 worker: a demo step takes 0.33 s with 2
+    threads, 0.17 s with 1). Returns the thread count set, or None where nothing was changed.
+    """
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = cpu_threads(cpus, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), data_workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _free_port() -> int:
     import socket
 

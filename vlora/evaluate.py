@@ -56,13 +56,13 @@ def eval_items(samples: list[dict]) -> tuple[list[dict], str]:
 
 
 @torch.no_grad()
-def heldout_loss(model, collator, samples: list[dict], batch_size: int) -> float:
-    """Summed cross-entropy over the supervised tokens / their count, with whatever adapter is active."""
+def heldout_loss(model, collator, encoded: list[dict], batch_size: int) -> float:
+    """Summed cross-entropy over the supervised tokens / their count, with whatever adapter is active, on samples
+    already encoded (`collator.encode`: encoding is most of the cost on a small model, so it is done once)."""
     from vlora.model import SupervisedLoss
 
     loss_model = SupervisedLoss(model).eval()
     device = next(model.parameters()).device
-    encoded = [x for x in map(collator.encode, samples) if x is not None]
     total, count = 0.0, 0
     for k in range(0, len(encoded), batch_size):
         batch = collator.collate(encoded[k:k + batch_size])
@@ -82,9 +82,17 @@ def answers_by_system(answerer: Answerer, items: list[dict], systems: list[str],
     return out
 
 
+def answer_budget(tokenizer, references: list[str]) -> int:
+    """Tokens to generate when none are given: twice the longest reference, plus 8 (room for a longer phrasing of
+    a right answer and the end of turn), at most 256. An answer longer than that is wrong for exact match anyway,
+    and the base model, which rarely stops by itself, then costs a few tokens per item instead of 32 or more."""
+    longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references), default=12)
+    return min(256, 2 * longest + 8)
+
+
 def evaluate(model_path: str, adapter: str | None, shards: str, out: str, *, max_samples: int = 256,
              with_base: bool = True, quant: str = "nf4", dtype: str = "auto", device: str | None = None,
-             batch_size: int = 16, max_new_tokens: int = 32, min_pixels: int, max_pixels: int) -> dict:
+             batch_size: int = 16, max_new_tokens: int | None = None, min_pixels: int, max_pixels: int) -> dict:
     """Score `adapter` (and the base alone, and the majority baseline) on `shards`; write the report; return it."""
     from vlora.data.collate import Collator
     from vlora.report import write_report
@@ -99,10 +107,12 @@ def evaluate(model_path: str, adapter: str | None, shards: str, out: str, *, max
     collator = Collator(processor, min_pixels=min_pixels, max_pixels=max_pixels, max_length=1 << 30,
                         pixel_dtype=vision_dtype(model))
     answerer = Answerer(model, processor, min_pixels=min_pixels, max_pixels=max_pixels)
+    encoded = [x for x in map(collator.encode, samples) if x is not None]
     losses = {}
     for system in systems:
         with answerer.use_adapter(ADAPTER if system == "adapter" else BASE):
-            losses[system] = heldout_loss(model, collator, samples, batch_size)
+            losses[system] = heldout_loss(model, collator, encoded, batch_size)
+    max_new_tokens = max_new_tokens or answer_budget(processor.tokenizer, [i["reference"] for i in items])
     answers = answers_by_system(answerer, items, systems, batch_size=batch_size, max_new_tokens=max_new_tokens)
     scored = {s: [{"task": i["task"], "reference": i["reference"], "prediction": a}
                   for i, a in zip(items, answers[s])] for s in systems}
@@ -110,7 +120,7 @@ def evaluate(model_path: str, adapter: str | None, shards: str, out: str, *, max
     scores = {s: score_items(v) for s, v in scored.items()}
     report = {
         "model": model_path, "adapter": adapter, "shards": shards, "n_items": len(items),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "heldout_loss": losses,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "heldout_loss": losses, "max_new_tokens": max_new_tokens,
         "tokenizer": next(iter(scores.values()))["tokenizer"], "task_source": task_source,
         "systems": [*systems, "majority"], "scores": {s: {"tasks": v["tasks"], "all": v["all"]} for s, v in scores.items()},
         "seconds": round(time.time() - start, 1),
@@ -136,17 +146,21 @@ def heldout_items(shards: str, n: int, *, rank: int, world_size: int) -> list[di
 
 @torch.no_grad()
 def heldout_exact_match(answerer: Answerer, items: list[dict], *, batch_size: int, lockstep: bool,
-                        max_new_tokens: int = 32) -> float:
+                        max_new_tokens: int | None = None) -> float:
     """Exact match (%) of greedy answers over every rank's items, with the model as it is now.
 
     `lockstep` (ZeRO-3, every forward gathers weights with collectives): every rank runs as many batches as the
     rank with the most, repeating its own last batch (not counted), and generate runs with synced_gpus, so the
-    ranks that finish first keep stepping until all do.
+    ranks that finish first keep stepping until all do. `max_new_tokens`: by default `answer_budget` of the items.
     """
     from vlora.distributed import all_reduce_max, all_reduce_sum
     from vlora.scoring import exact_match
 
     device = next(answerer.model.parameters()).device
+    if max_new_tokens is None:
+        max_new_tokens = answer_budget(answerer.processor.tokenizer, [i["reference"] for i in items])
+        if lockstep:  # the same budget on every rank
+            max_new_tokens = int(all_reduce_max(torch.tensor([max_new_tokens], device=device)).item())
     requests = [Request(messages=i["messages"], images=i["images"], adapter="", id=i["key"]) for i in items]
     batches = [list(range(k, min(k + batch_size, len(items)))) for k in range(0, len(items), batch_size)]
     n = len(batches)
@@ -220,7 +234,8 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16")
     e.add_argument("--device", default=None)
     e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: twice the longest reference answer's tokens + 8, at most 256")
     e.add_argument("--min-pixels", type=int, default=None, help="default: the run's data.min_pixels (its config.yaml)")
     e.add_argument("--max-pixels", type=int, default=None, help="default: the run's data.max_pixels (its config.yaml)")
     e.set_defaults(func=cmd_eval)

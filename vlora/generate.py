@@ -182,6 +182,9 @@ def load_for_inference(base: str, adapters: dict[str, str], *, quant: str = "nf4
         from vlora.model import keep_training_layout
 
         keep_training_layout(model)  # the adapter was trained on this layout; the CPU inference repack differs
+    from vlora.kernels import lean_vision_tower
+
+    lean_vision_tower(model)  # as in training: bit-identical, fewer operator calls
     model.eval()
     if adapters:
         from peft import PeftModel

@@ -111,6 +111,10 @@ def load_base_model(cfg: Config, device: torch.device, compute_dtype: torch.dtyp
     model.requires_grad_(False)
     model.config.use_cache = False
     keep_training_layout(model)
+    if cfg.model.lean_vision:
+        from vlora.kernels import lean_vision_tower
+
+        lean_vision_tower(model)  # bit-identical vision outputs from far fewer operator calls (vlora/kernels.py)
     return model
 
 

@@ -89,9 +89,10 @@ def build_optimizer(params, o: OptimArgs, device: torch.device) -> torch.optim.A
         raise VloraError("no parameter requires grad: nothing to optimize")
     for group in groups:
         group["lr"] = lr_at(0, o) * group["lr_scale"]
-    # The fused kernel is one launch for all parameters on a GPU; the CPU keeps the default implementation.
+    # The fused kernel: one operator call per parameter group, on a GPU and on the CPU alike (the default
+    # for-each / single-tensor paths run about a dozen operators per tensor: 270 a step on the tiny model, 2 fused).
     optimizer = torch.optim.AdamW(groups, lr=lr_at(0, o), betas=(o.beta1, o.beta2), eps=o.eps,
-                                  fused=device.type == "cuda")
+                                  fused=device.type in ("cuda", "cpu"))
     optimizer.register_load_state_dict_pre_hook(_keep_config_groups)
     return optimizer
 

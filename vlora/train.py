@@ -30,7 +30,7 @@ from vlora.checkpoint import TrainState
 from vlora.config import Config, Plan, load_config, save_config, to_dict
 from vlora.distributed import (
     Heartbeat, PreemptionSignal, World, all_reduce_max, all_reduce_sum, barrier, cleanup, collective_failure,
-    init_distributed, world_size_from_env,
+    init_distributed, limit_cpu_threads, world_size_from_env,
 )
 from vlora.errors import VloraError
 from vlora.failpoints import failpoint
@@ -153,6 +153,11 @@ def build(cfg: Config, plan: Plan, resources: contextlib.ExitStack) -> Run:
     resources.callback(preemption.restore)
     world = init_distributed(cfg.run.dist_timeout_s, always_group=cfg.run.engine == "deepspeed")
     setup_logging(world.rank, world.size)
+    resources.callback(torch.set_num_threads, torch.get_num_threads())  # an in-process run leaves it as it was
+    threads = limit_cpu_threads(world.device, cfg.data.num_workers)
+    if threads is not None:
+        log.info("CPU: %d torch thread(s) per rank beside %d data worker(s) (set OMP_NUM_THREADS to choose)",
+                 threads, cfg.data.num_workers)
     precision = resolve_precision(cfg, world.device)
     compute_dtype = resolve_compute_dtype(cfg, precision)
     engine = make_engine(cfg, plan, world, precision)  # ddp | deepspeed-zeroN: how gradients and updates are shared
