@@ -221,3 +221,23 @@ def test_qwen2_vl_tower_is_covered_too():
     assert_same(stock, vision(model, RAGGED))
     lean_ops = count(model, RAGGED)
     assert (stock_ops.sdpa, lean_ops.sdpa) == (2 * 4, 2 * 3) and lean_ops.total < stock_ops.total
+
+
+def test_every_forward_calls_the_same_modules_cached_or_not(model):
+    """ZeRO-3 gathers weights in module hooks and refuses ranks that call modules in different orders: a grid
+    whose plan is cached must call exactly the modules a new grid calls."""
+    lean_vision_tower(model)
+    names = {m: n for n, m in model.model.visual.named_modules()}
+    called = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: called.append(names[m])) for m in names]
+    try:
+        runs = []
+        for sizes in (MIXED, MIXED, RAGGED):  # new, cached, new
+            called.clear()
+            vision(model, sizes)
+            runs.append(list(called))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert runs[0] == runs[1] == runs[2] and "merger" in runs[0] and "blocks.0.attn.qkv" in runs[0]
+    assert "rotary_pos_emb" not in runs[0]

@@ -253,7 +253,10 @@ def _build_plan(tower: nn.Module, grid: torch.Tensor, device: torch.device, stac
     mod = sys.modules[type(tower).__module__]
     position_ids = mod.get_vision_position_ids(grid, tower.spatial_merge_size).to(device)
     cu_seqlens, max_seqlen = mod.get_vision_attention_seqlens(grid, tower.config)
-    cos, sin = tower.rotary_pos_emb(torch.empty(0, device=device), position_ids)
+    # Its forward, not its __call__: the module runs only when a grid is new, and module hooks must see the same
+    # modules on every forward (ZeRO-3 checks that every rank runs the same ones in the same order). It holds no
+    # parameter, only its inv_freq buffer, so no hook has anything to gather for it.
+    cos, sin = tower.rotary_pos_emb.forward(torch.empty(0, device=device), position_ids)
     window_index = reverse = cu_window = max_window = None
     if hasattr(tower, "fullatt_block_indexes"):
         window_index, cu_window = mod.get_vision_window_index(
