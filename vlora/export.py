@@ -412,20 +412,10 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-def nf4_config(dtype: torch.dtype):
-    """The 4-bit base the run trained on (vlora.model.quantization_config's defaults)."""
-    from transformers import BitsAndBytesConfig
-
-    from vlora.model import UNQUANTIZED_MODULES
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=list(UNQUANTIZED_MODULES))
-
-
 def verify(base_dir: Path, adapter_dir: Path, out_dir: Path, *, merged: bool, dtype: torch.dtype,
            tolerance: float | None, device: str, prequantized: bool) -> dict:
     """{max_diff, tolerance, max_diff_4bit}: the written folder's logits against base + source adapter."""
-    from vlora.model import load_processor
+    from vlora.model import four_bit_config, load_processor
 
     probes = probe_inputs(load_processor(str(base_dir)))
     reference = run_probe(lambda: with_adapter(load_model(base_dir, dtype, device), adapter_dir), probes, device)
@@ -438,7 +428,7 @@ def verify(base_dir: Path, adapter_dir: Path, out_dir: Path, *, merged: bool, dt
     diff_4bit = None
     if not prequantized:
         try:  # information only: a machine without a usable bitsandbytes still exports
-            trained = run_probe(lambda: with_adapter(load_model(base_dir, dtype, device, nf4_config(dtype)),
+            trained = run_probe(lambda: with_adapter(load_model(base_dir, dtype, device, four_bit_config("nf4", dtype)),
                                                      adapter_dir), probes, device)
             diff_4bit = max_abs_diff(exported, trained)
         except Exception as e:  # noqa: BLE001

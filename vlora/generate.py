@@ -163,15 +163,13 @@ def batches_longest_first(idx: list[int], requests: list[Request], batch_size: i
 def load_for_inference(base: str, adapters: dict[str, str], *, quant: str = "nf4", dtype: str = "auto",
                        device: str | None = None):
     """(model, processor): the base (4-bit LLM linears, or unquantized) with every adapter loaded under its name."""
-    from transformers import AutoProcessor, BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from vlora.model import UNQUANTIZED_MODULES
+    from vlora.model import four_bit_config
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = resolve_dtype(dtype, dev)
-    qcfg = None if quant == "none" else BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch_dtype,
-        llm_int8_skip_modules=list(UNQUANTIZED_MODULES))  # as in training
+    qcfg = None if quant == "none" else four_bit_config(quant, torch_dtype)  # as in training
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, dtype=torch_dtype, quantization_config=qcfg,
                                                                    device_map={"": dev})

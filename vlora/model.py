@@ -76,15 +76,23 @@ def quantization_config(cfg: Config, compute_dtype: torch.dtype, quant_storage: 
     ZeRO-3 wants the dtype of the other weights, see engine.DeepSpeedEngine.quant_storage)."""
     if cfg.model.quant == "none":
         return None
+    return four_bit_config(cfg.model.quant, compute_dtype, double_quant=cfg.model.double_quant,
+                           quant_storage=quant_storage, skip=unquantized_modules(cfg))
+
+
+def four_bit_config(quant: str, compute_dtype: torch.dtype, *, double_quant: bool = True,
+                    quant_storage: torch.dtype | None = None, skip=UNQUANTIZED_MODULES):
+    """The one place a 4-bit BitsAndBytesConfig is built: training, and loading the base again after it
+    (generate, eval, export's check) with training's defaults, so they see the weights the run trained on."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.model.quant,
-        bnb_4bit_use_double_quant=cfg.model.double_quant,
+        bnb_4bit_quant_type=quant,
+        bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=quant_storage or torch.uint8,
-        llm_int8_skip_modules=unquantized_modules(cfg),
+        llm_int8_skip_modules=list(skip),
     )
 
 
