@@ -9,14 +9,14 @@ SRC     ?=
 OUT     ?=
 PACK_ARGS ?=
 
-.PHONY: setup demo shards demo-shards tiny-model train slurm-demo bench test test-fast lint clean
+.PHONY: setup demo shards demo-shards tiny-model train slurm-demo bench gpu-wheels test test-fast lint clean
 
 setup: $(STAMP)
 
 # torch 2.14.1 + torchvision 0.29.1 is the pair verified on these machines (see README, "Dependencies").
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 tiny-model: $(TINY)/config.json
@@ -40,7 +40,9 @@ $(DEMO)/%/manifest.json: $(DEMO)/src/train.jsonl
 	$(VLORA) pack --src $(DEMO)/src/$*.jsonl --out $(DEMO)/$* --shard-size 128
 
 # Train, then score the adapter against the base before fine-tuning and the majority answer (runs/demo/eval/).
-demo: $(TINY)/config.json demo-shards
+# The tiny model and the demo shards are built side by side: each step is mostly a Python start on one core.
+demo: | $(STAMP)
+	$(MAKE) --no-print-directory -j2 $(TINY)/config.json demo-shards
 	$(PY) train.py --config vlora/configs/demo.yaml
 	$(VLORA) eval --model $(TINY) --adapter runs/demo/adapter --shards $(DEMO)/val
 
@@ -66,6 +68,12 @@ slurm-demo: $(TINY)/config.json demo-shards
 bench: | $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(VLORA) bench --model tiny-3b --reference --check $(ARGS)
+
+# `make gpu-wheels`: the wheels a lent GPU machine lacks for `launch/bench_gpu.sh` (its CARRY list, at .venv's
+# versions, for its CPython 3.12) into .whl/, which the device call carries; fails over 60 MiB (docs/speed.md).
+gpu-wheels: | $(STAMP)
+	$(PY) -m pip install -q -e '.[bench,gpu]'
+	PYTHON=$(PY) bash launch/bench_gpu.sh wheels
 
 test: | $(STAMP)
 	$(PY) -m pytest -q

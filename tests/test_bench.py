@@ -8,6 +8,7 @@ import torch
 
 from vlora import bench
 from vlora.counters import PARTS, StepCounter
+from vlora.data.throughput import format_throughput, workers_needed
 
 
 def bench_args(model_dir, *extra):
@@ -118,7 +119,7 @@ def test_mfu_formula_by_hand(tiny_run):
 
 def test_bench_command_writes_its_table(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = bench_args(tiny_model_dir, "--check", "--json", str(out))
+    args = bench_args(tiny_model_dir, "--check", "--json", str(out), "--loader-samples", "8")
     assert bench.cmd_bench(args) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -126,3 +127,21 @@ def test_bench_command_writes_its_table(tiny_model_dir, tmp_path, capsys):
     assert ours["tokens_per_s"] > 0 and ours["samples_per_s"] == pytest.approx(2 / ours["seconds_per_step"])
     assert ours["counts"]["total"]["ops"] > 0 and report["check"]["ok"]
     assert f"{ours['counts']['total']['ops']:,.0f}" in printed and "check against the stock forward" in printed
+    # The data loader on JPEG shards of the bench's shape: 8 samples (4 batches of 2) timed per worker count.
+    loader = report["loader"]
+    rows = loader["rows"]
+    assert [(r["workers"], r["samples"]) for r in rows] == [(0, 8), (1, 8), (2, 8)]
+    for r in rows:
+        assert r["per_worker"] == pytest.approx(r["samples_s"] / max(1, r["workers"]))
+        assert 56 * 56 // 28**2 + 60 <= r["tokens_per_sample"] <= 4 + 140  # 4 image tokens + about --text 96
+    assert rows[0]["bytes_per_sample"] == 0 and rows[1]["bytes_per_sample"] > 4 * 1176 * 4  # 16 fp32 patches
+    assert rows[0]["vs_main"] == 1.0 and rows[0]["per_core"] > 0
+    assert loader["step_samples_s"] == ours["samples_per_s"]
+    assert loader["workers_needed"] == workers_needed(rows, ours["samples_per_s"]) >= 1
+    assert f"this step's {ours['samples_per_s']:.1f} samples/s need {loader['workers_needed']} data worker(s)" in printed
+    assert format_throughput(rows) in printed
+
+
+def test_bench_loader_flags():
+    args = bench_args("m", "--no-loader")
+    assert args.loader is False and bench_args("m").loader is True and bench_args("m").loader_samples == 64

@@ -296,6 +296,28 @@ def test_collate_pads_right_to_the_longest(make_collator, processor, demo_sample
     assert torch.equal(b["pixel_values"], torch.cat([x["pixel_values"] for x in with_images]))
 
 
+@pytest.mark.parametrize("pack_length", [0, 512])
+def test_collate_writes_pixel_values_where_empty_puts_them(make_collator, demo_samples, pack_length):
+    """A data worker passes `empty` to place pixel_values in the memory that carries the batch: the same batch,
+    the pixels written into the one tensor it made, with the shape and dtype of what torch.cat gives."""
+    col = make_collator(pack_length=pack_length, pixel_dtype=torch.bfloat16)
+    items = [col.encode(s) for s in demo_samples[5:8]]
+    made = []
+
+    def empty(shape, dtype):
+        made.append(torch.full(shape, float("nan"), dtype=dtype))
+        return made[-1]
+
+    b, want = col.collate(items, empty=empty), col.collate(items)
+    assert len(made) == 1 and b["pixel_values"].data_ptr() == made[0].data_ptr()
+    assert (made[0].shape, made[0].dtype) == ((3 * 64, 1176), torch.bfloat16)
+    assert list(b) == list(want)
+    for key, value in want.items():
+        assert torch.equal(b[key], value) if isinstance(value, torch.Tensor) else b[key] == value, key
+    text_only = col.encode(_sample([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}]))
+    assert "pixel_values" not in col.collate([text_only], empty=empty) and len(made) == 1  # nothing to place
+
+
 def test_collate_text_only_batch_has_no_pixels(make_collator):
     col = make_collator()
     items = [col.encode(_sample([{"role": "user", "content": t}, {"role": "assistant", "content": "Yes."}], key=t))

@@ -158,3 +158,27 @@ def test_training_logs_the_exact_match_that_its_adapter_gives(monkeypatch, tiny_
         hits.append(exact_match(answer, reference))
     assert logged[4] == pytest.approx(100 * sum(hits) / len(hits))
     assert (run.dir / "curves.png").is_file()
+
+
+def test_each_task_generates_at_most_its_own_budget(tiny_model_dir):
+    """Per task: twice its longest reference + 8, or the budget given for all; requests are batched by budget."""
+    from transformers import AutoTokenizer
+
+    from vlora.evaluate import answer_budget, task_budgets
+    from vlora.generate import Request, budget_batches
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    items = [{"task": "colour", "reference": "red"}, {"task": "caption", "reference": "three red circles on the left"},
+             {"task": "colour", "reference": "blue"}, {"task": "caption", "reference": "one square"}]
+    budgets = task_budgets(tok, items)
+    ntok = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert budgets == {"caption": 2 * ntok("three red circles on the left") + 8,
+                       "colour": 2 * max(ntok("red"), ntok("blue")) + 8}
+    assert budgets["colour"] < budgets["caption"] == answer_budget(tok, [i["reference"] for i in items])
+    assert task_budgets(tok, items, 5) == {"caption": 5, "colour": 5}
+
+    requests = [Request(messages=[{"role": "user", "content": "q" * (i + 1)}], max_new_tokens=budgets[x["task"]])
+                for i, x in enumerate(items)] + [Request(messages=[{"role": "user", "content": "q"}])]
+    got = budget_batches(list(range(5)), requests, batch_size=1)
+    assert got == [(budgets["colour"], [2]), (budgets["colour"], [0]), (budgets["caption"], [3]),
+                   (budgets["caption"], [1]), (None, [4])]

@@ -241,3 +241,32 @@ def test_every_forward_calls_the_same_modules_cached_or_not(model):
             h.remove()
     assert runs[0] == runs[1] == runs[2] and "merger" in runs[0] and "blocks.0.attn.qkv" in runs[0]
     assert "rotary_pos_emb" not in runs[0]
+
+
+def test_the_patch_embedding_as_one_matmul_equals_the_convolution_and_its_gradient(model):
+    """matmul_patch_embed: the tower's outputs within fp32 rounding of the Conv3d's (a sum in another order), the
+    gradient of a LoRA-like input the same; ZeRO-3's hooks see the Conv3d called; stock_vision_tower undoes it."""
+    from vlora.kernels import matmul_patch_embed
+
+    visual = model.model.visual
+    pixels, grid = images(MIXED)
+    calls = []
+    handle = visual.patch_embed.proj.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape))
+    with torch.no_grad():
+        want = visual(pixels, grid_thw=grid).pooler_output
+        assert matmul_patch_embed(model) == 1 and matmul_patch_embed(model) == 0
+        with CountOps() as ops:
+            got = visual(pixels, grid_thw=grid).pooler_output
+    handle.remove()
+    assert len(calls) == 2 and calls[0] == calls[1]
+    assert not any("convolution" in name for name in ops.calls) and ops.calls["aten.mm"] >= 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the same products, summed in another order
+
+    x = pixels[:64].clone().requires_grad_(True)
+    visual.patch_embed(x).square().sum().backward()
+    grad_matmul = x.grad.clone()
+    assert stock_vision_tower(model) == 1 and "forward" not in vars(visual.patch_embed.proj)
+    x.grad = None
+    visual.patch_embed(x).square().sum().backward()
+    torch.testing.assert_close(grad_matmul, x.grad, rtol=1e-5, atol=1e-6)
+    assert grad_matmul.abs().sum() > 0

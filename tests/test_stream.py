@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 from torch.utils.data import get_worker_info
 
 from vlora.data import stream
@@ -556,3 +557,270 @@ def test_close_stops_the_workers_at_once(configs):
     assert not any(p.is_alive() for p in workers)
     assert set(multiprocessing.active_children()) - before == set()
     del held
+
+
+# --- from the workers to the trainer ---------------------------------------------------------------
+
+
+def _tensor_collate(items: list[dict], empty=torch.empty) -> dict:
+    """_collate plus tensors of every kind a batch may hold, all derived from the keys; the large one made by
+    `empty`, as Collator.collate makes pixel_values."""
+    batch = _collate(items)
+    codes = torch.tensor([zlib.crc32(k.encode()) for k in batch["keys"]], dtype=torch.int64)
+    pixels = empty((len(items), 1000), dtype=torch.float32)
+    batch.update({
+        "codes": codes,
+        "pixels": torch.add((codes[:, None] % 977).float() / 7, torch.arange(1000.0), out=pixels),
+        "half": (codes % 1000).to(torch.bfloat16)[:, None].repeat(1, 3),
+        "even": codes % 2 == 0,
+        "count": torch.tensor(len(items), dtype=torch.int32),  # 0-dim
+        "none": torch.zeros(0, 3),  # empty
+        "strided": codes[:, None].expand(-1, 3),  # not contiguous: travels the default way, strides kept
+        "n": len(items),
+    })
+    return batch
+
+
+def _items(*keys):
+    return [{"key": k, "shard": "s", "source": "d", "worker": 0} for k in keys]
+
+
+def _assert_same_batch(got: dict, want: dict, skip=()) -> None:
+    assert [k for k in got if k not in skip] == [k for k in want if k not in skip]  # same keys, same order
+    for k, w in want.items():
+        if k in skip:
+            continue
+        g = got[k]
+        if isinstance(w, torch.Tensor):
+            assert (g.dtype, g.shape, g.stride()) == (w.dtype, w.shape, w.stride()), k
+            assert torch.equal(g, w), k
+        else:
+            assert g == w, k
+
+
+def test_slabs_carry_every_tensor_exactly_and_reuse_their_buffers():
+    batch = _tensor_collate(_items("a", "b", "c"))
+    slabs = stream.Slabs(workers=2, slots=2)
+    packed = slabs.pack(batch, worker=1)
+    assert slabs.busy.tolist() == [[0, 0], [1, 0]]
+    assert {k for k, v in packed.items() if isinstance(v, torch.Tensor)} == {"strided"}
+    worker, slot, buf, layout, order = packed[stream._SLAB]
+    assert (worker, slot, order) == (1, 0, list(batch)) and buf.is_shared()
+    assert all(offset % 64 == 0 for _, offset, _, _ in layout)
+    out = slabs.unpack(dict(packed))
+    _assert_same_batch(out, batch)
+    assert slabs.busy.tolist() == [[0, 0], [0, 0]]
+    # Copied out: the worker may overwrite its buffer now, the batch keeps its values.
+    assert all(v.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
+               for v in out.values() if isinstance(v, torch.Tensor))
+    buf.fill_(0)
+    _assert_same_batch(out, batch)
+
+    again = slabs.pack(batch, worker=1)  # the released slot, its buffer reused
+    assert again[stream._SLAB][1] == 0 and again[stream._SLAB][2].data_ptr() == buf.data_ptr()
+    other = slabs.pack(batch, worker=1)
+    assert other[stream._SLAB][1] == 1 and slabs.busy.tolist() == [[0, 0], [1, 1]]
+    assert slabs.pack(batch, worker=1) is batch  # no slot free: the batch travels as it is
+    assert slabs.pack({"keys": ["a"]}, worker=0) == {"keys": ["a"]}  # nothing to carry: no slot taken
+    assert slabs.busy[0].tolist() == [0, 0]
+
+
+
+def test_a_batch_pinned_by_the_dataloader_unpacks_to_the_same_batch(monkeypatch):
+    """With pin_memory (a GPU) the DataLoader's pin thread runs torch's own pin_memory over the batch before the
+    trainer sees it: it copies the buffer (pinned, not shared) and rebuilds the tuples and lists around it. The
+    trainer then takes views of that copy, releases the slot, and keeps nothing of the worker's mapped."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    batch = _tensor_collate(_items("a", "b", "c"))
+    slabs = stream.Slabs(workers=1, slots=2)
+    packed = slabs.pack(batch, worker=0)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self.clone())  # no CUDA here to pin
+    pinned = pin_memory(packed)
+    assert pinned[stream._SLAB][2].data_ptr() != packed[stream._SLAB][2].data_ptr()
+    out = slabs.unpack(pinned)
+    _assert_same_batch(out, batch, skip=("strided",))  # not in the slab: pinned by torch (here: cloned) on its own
+    assert torch.equal(out["strided"], batch["strided"])
+    assert slabs.busy.tolist() == [[0, 0]] and not slabs.mapped and slabs.plain == 0
+    assert len({v.untyped_storage().data_ptr() for v in out.values() if isinstance(v, torch.Tensor)}) == 2  # + strided
+
+
+def test_what_empty_makes_is_carried_in_place():
+    slabs = stream.Slabs(workers=1, slots=2)
+    empty = functools.partial(slabs.empty, 0)
+    batch = _tensor_collate(_items("a", "b"), empty=empty)
+    spare = empty((5,), dtype=torch.int64)  # handed out but not in the batch: its room is skipped, not reused
+    packed = slabs.pack(batch, worker=0)
+    _, slot, buf, layout, _ = packed[stream._SLAB]
+    offsets = {key: offset for key, offset, _, _ in layout}
+    assert slot == 0 and offsets["pixels"] == 0 and buf.data_ptr() == batch["pixels"].data_ptr()  # not copied
+    assert spare.data_ptr() - buf.data_ptr() == 2 * 1000 * 4
+    assert min(o for k, o in offsets.items() if k != "pixels") >= 2 * 1000 * 4 + 64
+    _assert_same_batch(slabs.unpack(packed), _tensor_collate(_items("a", "b")))
+
+    big = _tensor_collate(_items(*"abcdefgh"), empty=empty)  # larger than slot 0's buffer: it grows, first
+    out = slabs.unpack(slabs.pack(big, worker=0))
+    _assert_same_batch(out, _tensor_collate(_items(*"abcdefgh")))
+    assert slabs.own[0].numel() >= 8 * 1000 * 4
+
+    slabs.busy.fill_(1)  # no slot free: plain memory, and the batch travels as it is
+    plain = _tensor_collate(_items("a"), empty=empty)
+    assert not plain["pixels"].is_shared() and slabs.pack(plain, worker=0) is plain
+
+
+def test_batches_from_workers_equal_the_readers_own_and_resume_exactly(train_dir):
+    """Two workers: batch g is role g % 2's batch, tensors bit for bit, made in this process for reference."""
+    def loader(state=None):
+        return train_loader([(train_dir, 1)], rank=0, world_size=1, num_workers=2, seed=0, micro_batch=4,
+                            encode=_encode, collate=_tensor_collate, state=state)
+
+    reference = TrainStream([ShardSet.load(train_dir)], rank=0, world_size=1, num_workers=2, seed=0, micro_batch=4,
+                            encode=_encode, collate=_tensor_collate)
+    roles = [reference.role_batches(role) for role in (0, 1)]
+    want = [next(roles[g % 2]) for g in range(12)]
+    for b in want:
+        b.pop("stream")
+
+    first = loader()
+    got = _take(first, 7)
+    assert {worker for worker, _ in first.stream.slabs.mapped} == {0, 1}  # both workers' batches came in slabs
+    assert first.stream.slabs.plain == 0  # PREFETCH + 2 slots: a worker never finds all of its slots busy
+    assert all(not b["pixels"].is_shared() for b in got)  # copied out of them
+    state = first.state_dict()
+    first.close()
+    resumed = loader(state)  # new workers, new slabs; worker 0 now plays role 1
+    got += _take(resumed, 5)
+    resumed.close()
+    for g, w in zip(got, want):
+        _assert_same_batch(g, w, skip=("worker",))
+
+
+# --- /dev/shm too small: the default transport, one warning -----------------------------------------
+
+
+def _pixels_batch(slabs, n_pixels: int, extra: int = 0) -> dict:
+    """A batch whose pixels `empty` makes (in a slot when it can), and `extra` int64s made by the collate."""
+    pixels = slabs.empty(0, (n_pixels,), dtype=torch.float32)
+    torch.arange(float(n_pixels), out=pixels)
+    return {"pixels": pixels, "extra": torch.arange(extra), "keys": ["a"]}
+
+
+def test_no_room_in_dev_shm_leaves_every_batch_to_the_default_transport(monkeypatch, caplog):
+    asked = []
+    monkeypatch.setattr(stream, "_shm_room", lambda: asked.append(1) or 10 * 2**20)  # 10 MiB free
+    slabs = stream.Slabs(workers=1, slots=2)
+    with caplog.at_level(logging.WARNING, logger="vlora"):
+        for _ in range(3):  # 4 MB of pixels: 2 slots x 5 MB, twice over, do not fit in 10 MiB
+            batch = _pixels_batch(slabs, 2**20)
+            assert not batch["pixels"].is_shared()
+            assert slabs.pack(batch, worker=0) is batch
+            assert slabs.unpack(batch) is batch
+    assert slabs.off and not slabs.own and slabs.busy.tolist() == [[0, 0]] and slabs.plain == 3
+    assert len(asked) == 1  # decided once, at the first buffer
+    warnings = [r.getMessage() for r in caplog.records if "/dev/shm" in r.getMessage()]
+    assert len(warnings) == 1 and "10 MiB free" in warnings[0] and "default transport" in warnings[0]
+    assert slabs.warned.item() == 1
+
+
+def test_a_full_dev_shm_that_torch_reports_falls_back_too(monkeypatch, caplog):
+    """torch reserves a shared buffer's pages at once and raises when /dev/shm is full (no SIGBUS later)."""
+    slabs = stream.Slabs(workers=1, slots=2)  # its shared flags are made before /dev/shm fills up
+
+    def full(self):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2_3>: No space left on device (28)")
+
+    monkeypatch.setattr(stream, "_shm_room", lambda: None)  # as where /dev/shm cannot be asked
+    monkeypatch.setattr(torch.Tensor, "share_memory_", full)
+    with caplog.at_level(logging.WARNING, logger="vlora"):
+        batch = _pixels_batch(slabs, 1000)
+        assert slabs.pack(batch, worker=0) is batch and slabs.off
+    assert "No space left on device" in caplog.text
+
+
+def test_a_buffer_that_cannot_grow_sends_that_batch_the_default_way(monkeypatch, caplog):
+    room = [2**30]
+    monkeypatch.setattr(stream, "_shm_room", lambda: room[0])
+    slabs = stream.Slabs(workers=1, slots=2)
+    first = slabs.pack(_pixels_batch(slabs, 1000), worker=0)  # slot 0: 4,000 bytes + a quarter + 64 KiB
+    _, slot, buf, _, _ = first[stream._SLAB]
+    size = slabs.own[0].numel()
+    assert slot == 0 and size == 4000 + 1000 + 65536
+    slabs.unpack(first)
+    room[0] = 0
+    with caplog.at_level(logging.WARNING, logger="vlora"):
+        # The pixels fit in slot 0 and are made there; the 8 KB made beside them do not, and it cannot grow.
+        batch = _pixels_batch(slabs, (size - 4096) // 4, extra=1024)
+        assert batch["pixels"].untyped_storage().data_ptr() == slabs.own[0].untyped_storage().data_ptr()
+        sent = slabs.pack(batch, worker=0)
+    # The pixels leave the slot (it is not marked busy, the worker will write it again), equal; the rest as it was.
+    assert stream._SLAB not in sent and sent["extra"] is batch["extra"]
+    assert sent["pixels"].untyped_storage().data_ptr() != slabs.own[0].untyped_storage().data_ptr()
+    assert torch.equal(sent["pixels"], torch.arange(float((size - 4096) // 4)))
+    assert slabs.busy.tolist() == [[0, 0]] and not slabs.off and slabs.own[0].numel() == size
+    assert "0 MiB free" in caplog.text
+    again = slabs.pack(_pixels_batch(slabs, 1000), worker=0)  # a batch that fits still takes the slot
+    assert again[stream._SLAB][1] == 0 and again[stream._SLAB][2].data_ptr() == buf.data_ptr()
+
+
+def test_workers_without_room_in_dev_shm_give_the_same_batches(train_dir, monkeypatch):
+    monkeypatch.setattr(stream, "_shm_room", lambda: 0)  # the workers are forked with it
+    want = _take(_loader([(train_dir, 1)], workers=0, mb=4), 6)
+    loader = train_loader([(train_dir, 1)], rank=0, world_size=1, num_workers=2, seed=0, micro_batch=4,
+                          encode=_encode, collate=_tensor_collate)
+    got = _take(loader, 6)
+    assert loader.stream.slabs.plain == 6 and not loader.stream.slabs.mapped
+    loader.close()
+    assert [b["keys"] for b in got] != [b["keys"] for b in want]  # 2 readers, not 1: other batches
+    reference = TrainStream([ShardSet.load(train_dir)], rank=0, world_size=1, num_workers=2, seed=0, micro_batch=4,
+                            encode=_encode, collate=_tensor_collate)
+    roles = [reference.role_batches(role) for role in (0, 1)]
+    for g, batch in enumerate(got):
+        w = next(roles[g % 2])
+        w.pop("stream")
+        _assert_same_batch(batch, w, skip=("worker",))
+
+
+_SMALL_SHM = """
+import logging, sys, torch
+from vlora.data import stream
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+def encode(sample):
+    return {"key": sample["__key__"]}
+def collate(items, empty=torch.empty):  # MB MiB of pixels a batch, made where the worker says
+    pixels = empty((len(items), MB * 2**20 // 4 // len(items)), dtype=torch.float32)
+    pixels.copy_(torch.arange(pixels.shape[1], dtype=torch.float32) + len(items))
+    return {"keys": [x["key"] for x in items], "pixels": pixels}
+for MB in map(int, sys.argv[2:]):
+    loader = stream.train_loader([(sys.argv[1], 1)], rank=0, world_size=1, num_workers=2, seed=0, micro_batch=4,
+                                 encode=encode, collate=collate)
+    try:
+        for _ in range(12):  # each dropped at once: the default transport's batches hold /dev/shm while they live
+            pixels = next(loader)["pixels"]
+            assert torch.equal(pixels, torch.arange(pixels.shape[1], dtype=torch.float32).expand(4, -1) + 4)
+        print(loader.stream.slabs.plain, len(loader.stream.slabs.mapped), flush=True)
+    finally:
+        loader.close()
+"""
+
+
+def test_a_64_mib_dev_shm_as_docker_gives_it(train_dir, tmp_path):
+    """Docker's default /dev/shm (64 MiB), mounted for real in a mount namespace where the system allows one:
+    5 MB batches (6 slots x 6.3 MB, twice over, do not fit) go the default way with one warning; 1 MB
+    batches take the buffers."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no user and mount namespaces here to mount a small /dev/shm in")
+    script = tmp_path / "small_shm.py"
+    script.write_text(_SMALL_SHM)
+    env = {**os.environ, "PYTHONPATH": str(Path(stream.__file__).resolve().parents[2])}
+    mount = "mount -t tmpfs -o size=64m tmpfs /dev/shm"
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", f"{mount} && {sys.executable} {script} {train_dir} 5 1"],
+                         capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (plain, mapped), (plain_small, mapped_small) = [map(int, line.split()) for line in run.stdout.splitlines()]
+    assert (plain, mapped, plain_small) == (12, 0, 0) and mapped_small >= 2, run.stdout
+    assert run.stderr.count("has no room") == 1, run.stderr[-3000:]

@@ -9,6 +9,9 @@ sample), after a warm-up, and reports per optimizer step:
   device's dense bf16 peak (`PEAK_TFLOPS`; `--peak-tflops` for other devices);
 - operator calls and FLOPs per step, split into vision tower, LLM, loss and optimizer (vlora.counters), on one
   extra step: the counts are the same on any machine, so they are the figure to compare on a CPU.
+- the data loader (vlora.data.throughput; `--no-loader` skips it): samples/s of the real stream + collate on
+  seeded JPEG shards of the same shape, in the main process and with 1 and 2 workers, per worker and per core,
+  and the data workers (`data.num_workers`) that one rank at the timed step's samples/s needs.
 `--reference` runs the seeds' recipe (vlora.reference: HF Trainer + prepare_model_for_kbit_training) on the same
 model and batches in the same process and prints both side by side; `--check` compares vlora's loss and LoRA
 gradients with the stock model's own forward and loss on one batch.
@@ -251,6 +254,7 @@ def vlora_figures(args, model_dir: Path) -> tuple[dict, list[dict], object]:
                          device=run.world.device)
     figures = shape_figures(run.model, batches[0], args.batch, timing, run.world.device, args.peak_tflops)
     figures["counts"] = counted_step(run, batches[0])
+    run.collator = collator  # for the data loader's figures
     return figures, batches, run
 
 
@@ -378,20 +382,54 @@ def stock_vision(model):
     """A context in which the vision tower runs transformers' own code (vlora.kernels' lean tower undone)."""
     import contextlib
 
-    try:
-        from vlora.kernels import lean_vision_tower, stock_vision_tower
-    except ImportError:
-        return contextlib.nullcontext()
+    from vlora.kernels import lean_vision_tower, matmul_patch_embed, stock_vision_tower
 
     @contextlib.contextmanager
     def ctx():
-        changed = stock_vision_tower(model)
+        lean = [m for m in model.modules() if vars(m).get("_vlora_lean")]  # what to put back after
+        stock_vision_tower(model)
         try:
             yield
         finally:
-            if changed:
+            if any(not isinstance(m, torch.nn.Conv3d) for m in lean):
                 lean_vision_tower(model)
+            if any(isinstance(m, torch.nn.Conv3d) for m in lean):
+                matmul_patch_embed(model)
     return ctx()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The data loader
+
+
+def loader_figures(args, collator, step_samples_s: float) -> dict:
+    """The training stream (vlora.data.throughput: shards -> encode -> collate -> the trainer) on seeded JPEG
+    shards of the bench's shape, with the bench's collator: in the main process and with 1 and 2 data workers,
+    and the data workers that one rank at the timed step's samples/s needs."""
+    import tempfile
+
+    from vlora.data.throughput import loader_throughput, make_jpeg_shards, workers_needed
+
+    # About 8 tokens per 7 words after the chat template's ~32, in the tiny and the Qwen vocabulary alike; the
+    # table prints the tokens a sample really has. 8 shards: 2 workers read 4 each, evenly.
+    words = max(1, (args.text - 32) * 7 // 8)
+    with tempfile.TemporaryDirectory(prefix="vlora-bench-loader-") as tmp:
+        shards = make_jpeg_shards(tmp, 8 * args.batch, size=args.image, words=words, seed=args.seed,
+                                  shard_size=args.batch)
+        rows = loader_throughput(shards, collator, workers=[0, 1, 2], samples=args.loader_samples,
+                                 micro_batch=args.batch, seed=args.seed)
+    return {"rows": rows, "step_samples_s": step_samples_s, "workers_needed": workers_needed(rows, step_samples_s)}
+
+
+def format_loader(loader: dict) -> str:
+    from vlora.data.throughput import format_throughput
+
+    need = loader["workers_needed"]
+    return "\n".join([
+        "data loader, JPEG shards of this shape (stream + encode + collate; /core: samples/s of one busy core):",
+        format_throughput(loader["rows"]),
+        f"this step's {loader['step_samples_s']:.1f} samples/s need {'-' if need is None else need} data worker(s) "
+        "per rank, a core each (data.num_workers)"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,6 +444,8 @@ def cmd_bench(args) -> int:
               "gradient_checkpointing": args.gc, "device": str(run.world.device), "results": results}
     if args.check:
         report["check"] = check_against_stock(run, batches[0])
+    if args.loader:
+        report["loader"] = loader_figures(args, run.collator, ours["samples_per_s"])
     if args.reference:
         del run
         results["reference"] = reference_figures(args, model_dir, batches, args.peak_tflops)
@@ -417,6 +457,8 @@ def cmd_bench(args) -> int:
         r = report["ratios"]
         print(f"vlora / reference: tokens/s x{r['tokens_per_s']:.2f}, operator calls {100 * r['ops_total']:.0f}% "
               f"(vision {100 * r['ops_vision']:.0f}%)")
+    if "loader" in report:
+        print(format_loader(report["loader"]))
     if "check" in report:
         c = report["check"]
         print(f"check against the stock forward: loss {c['loss']:.6f} vs {c['stock_loss']:.6f}, largest relative "
@@ -437,6 +479,9 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--gc", action=argparse.BooleanOptionalAction, default=True, help="activation checkpointing")
     b.add_argument("--reference", action="store_true", help="also run the seeds' HF Trainer recipe, side by side")
     b.add_argument("--check", action="store_true", help="compare loss and LoRA gradients with the stock forward")
+    b.add_argument("--loader", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the data loader (main process, 1 and 2 workers) on JPEG shards of this shape")
+    b.add_argument("--loader-samples", type=int, default=64, help="samples timed per worker count")
     b.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", default=None, help="also write the figures here")

@@ -1,4 +1,4 @@
-"""`vlora` command line: tiny-model | demo-data | pack | train | export | generate | eval | bench.
+"""`vlora` command line: tiny-model | demo-data | pack | train | export | generate | serve | eval | bench.
 
 Each subcommand is a thin wrapper; bad input ends in one line `vlora: error: ...` and exit status 2
 (`pack` exits 1, naming its first rejects, when more records were rejected than `--max-reject` allows).
@@ -55,7 +55,8 @@ def cmd_train(args) -> int:
     return train_main((["--config", args.config] if args.config else []) + args.overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv` naming one of the commands defined here, only those (see below)."""
     p = argparse.ArgumentParser(prog="vlora", description="QLoRA fine-tuning for vision-language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -99,21 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*")
     r.set_defaults(func=cmd_train)
 
-    # What comes out of a run: each command's arguments live beside its code.
+    # What comes out of a run: each command's arguments live beside its code, whose modules import torch and
+    # transformers (seconds). `vlora demo-data` and friends, defined above, need not wait for that.
+    if argv and argv[0] in sub.choices:
+        return p
     from vlora.bench import add_bench_parser
     from vlora.evaluate import add_eval_parser
     from vlora.export import add_export_parser
     from vlora.generate import add_generate_parser
+    from vlora.serve import add_serve_parser
 
     add_export_parser(sub)
     add_generate_parser(sub)
+    add_serve_parser(sub)
     add_eval_parser(sub)
     add_bench_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except VloraError as e:

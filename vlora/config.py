@@ -38,6 +38,14 @@ class ModelArgs:
     # The vision tower's windowed attention as one call per distinct window length, its per-image-size tables
     # cached (vlora/kernels.py): outputs bit-identical to transformers' code, about 5x fewer operator calls.
     lean_vision: bool = True
+    # The vision patch embedding (a Conv3d over exactly one patch per row) as one matmul: equal within fp32
+    # rounding, not bit for bit; 5x faster than oneDNN's convolution on the CPU (vlora/kernels.py).
+    matmul_patch_embed: bool = True
+    # Liger's fused Triton kernels (vlora/liger.py): RMSNorm, SwiGLU MLPs and RoPE in the LLM, RMSNorm in the vision
+    # blocks, and a fused linear cross-entropy on the supervised positions (no logits in memory). Within bf16
+    # rounding of the plain path, not bit for bit. Needs a CUDA device and `pip install -e '.[gpu]'` (liger-kernel);
+    # a run that asks for it without them stops before loading. Off until measured against the plain path on a GPU.
+    liger: bool = False
     # Freeze switches. A frozen component gets no LoRA and no trainable weight; naming one of its groups in
     # lora.targets (or lora.train_merger_fully for the merger) is an error. An unfrozen component trains only
     # where lora.targets / lora.train_merger_fully put something. Components: vision = patch embedding + vision

@@ -42,6 +42,27 @@ FLOP_FORMULAS = {
 }
 
 
+# Where query, key and value sit among each SDPA kernel's arguments (a backward's come after grad_out).
+_SDPA_QKV = {op: 0 for op in (_aten._scaled_dot_product_flash_attention, _aten._scaled_dot_product_efficient_attention,
+                              _aten._scaled_dot_product_cudnn_attention, _aten._scaled_dot_product_flash_attention_for_cpu)}
+_SDPA_QKV |= {op: 1 for op in (_aten._scaled_dot_product_flash_attention_backward,
+                               _aten._scaled_dot_product_efficient_attention_backward,
+                               _aten._scaled_dot_product_cudnn_attention_backward,
+                               _aten._scaled_dot_product_flash_attention_for_cpu_backward)}
+
+
+def _query_heads(func, args: tuple) -> tuple:
+    """Grouped-query attention (fewer key/value heads than query heads, as in Qwen2.5's LLM) priced as the query's
+    heads, which torch's formulas do from 2.12 on and refuse before (torch 2.11: 'shapes are incompatible'): key
+    and value as meta tensors with the query's heads (the formulas read shapes only)."""
+    i = _SDPA_QKV.get(func._overloadpacket)
+    if i is None or args[i + 1].dim() != 4 or args[i + 1].shape[1] == args[i].shape[1]:
+        return args
+    heads = args[i].shape[1]
+    kv = [torch.empty((t.shape[0], heads, *t.shape[2:]), dtype=t.dtype, device="meta") for t in args[i + 1:i + 3]]
+    return (*args[:i + 1], *kv, *args[i + 3:])
+
+
 def _bnb_4bit_flops(func, args, out) -> int:
     """bitsandbytes' fused 4-bit matmul (A @ dequant(B).T): 2 x rows x in x out, from the input and output shapes."""
     if func.namespace != "bitsandbytes" or "gemm_4bit" not in func.__name__ or not isinstance(out, torch.Tensor):
@@ -77,7 +98,10 @@ class StepCounter(TorchDispatchMode):
             self.aten[self.part] += 1
         self.by_op[f"{func.namespace}::{func.__name__}"] += 1
         formula = FLOP_FORMULAS.get(func._overloadpacket)
-        self.flops[self.part] += formula(*args, **kwargs, out_val=out) if formula else _bnb_4bit_flops(func, args, out)
+        if formula:
+            self.flops[self.part] += formula(*_query_heads(func, args), **kwargs, out_val=out)
+        else:
+            self.flops[self.part] += _bnb_4bit_flops(func, args, out)
         return out
 
     @contextlib.contextmanager

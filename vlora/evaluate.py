@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vlora.errors import VloraError
-from vlora.generate import BASE, Answerer, Request, load_for_inference, prompt_text, split_answer, vision_dtype
+from vlora.generate import BASE, Answerer, Request, budget_batches, load_for_inference, prompt_text, split_answer, vision_dtype
 
 ADAPTER = "adapter"  # the adapter's name in the model and in the report
 
@@ -72,12 +72,15 @@ def heldout_loss(model, collator, encoded: list[dict], batch_size: int) -> float
     return total / count if count else float("nan")
 
 
-def answers_by_system(answerer: Answerer, items: list[dict], systems: list[str], **gen) -> dict[str, list[str]]:
-    """{system: answers in item order} for the model systems (the adapter and / or the base)."""
+def answers_by_system(answerer: Answerer, items: list[dict], systems: list[str], budgets: dict[str, int],
+                      **gen) -> dict[str, list[str]]:
+    """{system: answers in item order} for the model systems (the adapter and / or the base); each item generates
+    at most its task's budget (`budgets`)."""
     out = {}
     for system in systems:
         name = ADAPTER if system == "adapter" else BASE
-        requests = [Request(messages=i["messages"], images=i["images"], adapter=name, id=i["key"]) for i in items]
+        requests = [Request(messages=i["messages"], images=i["images"], adapter=name, id=i["key"],
+                            max_new_tokens=budgets[i["task"]]) for i in items]
         out[system] = answerer.run(requests, **gen)
     return out
 
@@ -88,6 +91,15 @@ def answer_budget(tokenizer, references: list[str]) -> int:
     and the base model, which rarely stops by itself, then costs a few tokens per item instead of 32 or more."""
     longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references), default=12)
     return min(256, 2 * longest + 8)
+
+
+def task_budgets(tokenizer, items: list[dict], max_new_tokens: int | None = None) -> dict[str, int]:
+    """{task: tokens to generate}: `max_new_tokens` for every task when given, else each task's `answer_budget`
+    (a one-word VQA answer then never generates a caption's length)."""
+    tasks = sorted({i["task"] for i in items})
+    if max_new_tokens:
+        return dict.fromkeys(tasks, max_new_tokens)
+    return {t: answer_budget(tokenizer, [i["reference"] for i in items if i["task"] == t]) for t in tasks}
 
 
 def evaluate(model_path: str, adapter: str | None, shards: str, out: str, *, max_samples: int = 256,
@@ -112,15 +124,15 @@ def evaluate(model_path: str, adapter: str | None, shards: str, out: str, *, max
     for system in systems:
         with answerer.use_adapter(ADAPTER if system == "adapter" else BASE):
             losses[system] = heldout_loss(model, collator, encoded, batch_size)
-    max_new_tokens = max_new_tokens or answer_budget(processor.tokenizer, [i["reference"] for i in items])
-    answers = answers_by_system(answerer, items, systems, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    budgets = task_budgets(processor.tokenizer, items, max_new_tokens)
+    answers = answers_by_system(answerer, items, systems, budgets, batch_size=batch_size)
     scored = {s: [{"task": i["task"], "reference": i["reference"], "prediction": a}
                   for i, a in zip(items, answers[s])] for s in systems}
     scored["majority"] = majority_items(next(iter(scored.values())))
     scores = {s: score_items(v) for s, v in scored.items()}
     report = {
         "model": model_path, "adapter": adapter, "shards": shards, "n_items": len(items),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "heldout_loss": losses, "max_new_tokens": max_new_tokens,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "heldout_loss": losses, "max_new_tokens": budgets,
         "tokenizer": next(iter(scores.values()))["tokenizer"], "task_source": task_source,
         "systems": [*systems, "majority"], "scores": {s: {"tasks": v["tasks"], "all": v["all"]} for s, v in scores.items()},
         "seconds": round(time.time() - start, 1),
@@ -151,25 +163,25 @@ def heldout_exact_match(answerer: Answerer, items: list[dict], *, batch_size: in
 
     `lockstep` (ZeRO-3, every forward gathers weights with collectives): every rank runs as many batches as the
     rank with the most, repeating its own last batch (not counted), and generate runs with synced_gpus, so the
-    ranks that finish first keep stepping until all do. `max_new_tokens`: by default `answer_budget` of the items.
+    ranks that finish first keep stepping until all do. `max_new_tokens`: by default each task's `answer_budget`.
     """
     from vlora.distributed import all_reduce_max, all_reduce_sum
     from vlora.scoring import exact_match
 
     device = next(answerer.model.parameters()).device
-    if max_new_tokens is None:
-        max_new_tokens = answer_budget(answerer.processor.tokenizer, [i["reference"] for i in items])
-        if lockstep:  # the same budget on every rank
-            max_new_tokens = int(all_reduce_max(torch.tensor([max_new_tokens], device=device)).item())
-    requests = [Request(messages=i["messages"], images=i["images"], adapter="", id=i["key"]) for i in items]
-    batches = [list(range(k, min(k + batch_size, len(items)))) for k in range(0, len(items), batch_size)]
+    budgets = task_budgets(answerer.processor.tokenizer, items, max_new_tokens)
+    requests = [Request(messages=i["messages"], images=i["images"], adapter="", id=i["key"],
+                        max_new_tokens=budgets[i["task"]]) for i in items]
+    # Under lockstep the budgets may differ between ranks: generate's synced_gpus keeps a rank that is done
+    # stepping until every rank is; only the number of generate calls must agree.
+    batches = budget_batches(list(range(len(items))), requests, batch_size)
     n = len(batches)
     if lockstep:
         n = int(all_reduce_max(torch.tensor([n], device=device)).item())
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for b in range(n):
-        batch = batches[min(b, len(batches) - 1)]
-        answers = answerer.answer([requests[i] for i in batch], max_new_tokens=max_new_tokens)
+        budget, batch = batches[min(b, len(batches) - 1)]
+        answers = answerer.answer([requests[i] for i in batch], max_new_tokens=budget)
         if b < len(batches):
             sums[0] += sum(exact_match(a, items[i]["reference"]) for a, i in zip(answers, batch))
             sums[1] += len(batch)
@@ -235,7 +247,7 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--device", default=None)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-new-tokens", type=int, default=None,
-                   help="default: twice the longest reference answer's tokens + 8, at most 256")
+                   help="default, per task: twice its longest reference answer's tokens + 8, at most 256")
     e.add_argument("--min-pixels", type=int, default=None, help="default: the run's data.min_pixels (its config.yaml)")
     e.add_argument("--max-pixels", type=int, default=None, help="default: the run's data.max_pixels (its config.yaml)")
     e.set_defaults(func=cmd_eval)

@@ -32,6 +32,7 @@ class Request:
     images: list[bytes] = field(default_factory=list)  # one file per {"type": "image"} part, in reading order
     adapter: str = BASE
     id: str = ""
+    max_new_tokens: int | None = None  # this request's own budget (vlora eval: its task's); None: the call's
 
 
 def split_answer(messages: list[dict]) -> tuple[list[dict], str]:
@@ -76,24 +77,35 @@ class Answerer:
         self.stop_ids = [i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if i is not None]
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[0]
 
-    def encode(self, requests: list[Request]) -> dict:
+    def inputs(self, requests: list[Request]):
+        """The processor's tensors for a batch, on the CPU: chat template, images resized as in training, left
+        padding. Needs no model (`vlora serve` counts a request's prompt tokens with it before queueing it)."""
         texts, images = [], []
         for r in requests:
             texts.append(self.processor.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True))
             images += self.images.load_images(r.messages, r.images)
+        return self.processor(text=texts, images=images or None, do_resize=False, padding=True, padding_side="left",
+                              return_tensors="pt")
+
+    def encode(self, requests: list[Request]) -> dict:
+        enc = self.inputs(requests)
         device = next(self.model.parameters()).device
-        enc = self.processor(text=texts, images=images or None, do_resize=False, padding=True, padding_side="left",
-                             return_tensors="pt")
         dtype = vision_dtype(self.model)
         return {k: v.to(device, dtype=dtype if k == "pixel_values" else None) for k, v in enc.items()}
 
     @torch.no_grad()
     def answer(self, requests: list[Request], *, max_new_tokens: int = 32, do_sample: bool = False,
-               temperature: float = 1.0, top_p: float = 1.0, streamer=None) -> list[str]:
-        """One batch, all with the adapter that is active now; the answers, special tokens stripped."""
+               temperature: float = 1.0, top_p: float = 1.0, streamer=None,
+               stop_strings: list[str] | None = None) -> list[str]:
+        """One batch, all with the adapter that is active now; the answers, special tokens stripped.
+
+        `stop_strings`: a row also ends once its text contains one of them (transformers' StopStringCriteria;
+        the string stays in the answer: the caller cuts it)."""
         enc = self.encode(requests)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
             "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if stop_strings:
+            sampling.update(stop_strings=list(stop_strings), tokenizer=self.processor.tokenizer)
         out = self.model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=self.stop_ids,
                                   pad_token_id=self.pad_id, synced_gpus=self.synced_gpus, streamer=streamer,
                                   **sampling)
@@ -106,8 +118,9 @@ class Answerer:
         answers: list[str | None] = [None] * len(requests)
         for name, idx in group_by_adapter(requests):
             with self.use_adapter(name):
-                for batch in batches_longest_first(idx, requests, batch_size):
-                    for i, text in zip(batch, self.answer([requests[i] for i in batch], **gen)):
+                for budget, batch in budget_batches(idx, requests, batch_size):
+                    batch_gen = gen if budget is None else {**gen, "max_new_tokens": budget}
+                    for i, text in zip(batch, self.answer([requests[i] for i in batch], **batch_gen)):
                         answers[i] = text
                         if on_answer is not None:
                             on_answer(requests[i], text)
@@ -149,6 +162,18 @@ def group_by_adapter(requests: list[Request]) -> list[tuple[str, list[int]]]:
     return list(groups.items())
 
 
+def budget_batches(idx: list[int], requests: list[Request], batch_size: int) -> list[tuple[int | None, list[int]]]:
+    """[(max_new_tokens, batch)]: `idx` grouped by each request's own budget (smallest first; None, the call's,
+    last), each group in batches longest first. A batch generates until its longest answer ends, so requests with
+    a short budget (a one-word VQA answer) never wait on a caption's; the base model, which rarely stops by
+    itself, then costs each request its own budget."""
+    groups: dict[int | None, list[int]] = {}
+    for i in idx:
+        groups.setdefault(requests[i].max_new_tokens, []).append(i)
+    return [(budget, batch) for budget, same in sorted(groups.items(), key=lambda g: (g[0] is None, g[0] or 0))
+            for batch in batches_longest_first(same, requests, batch_size)]
+
+
 def batches_longest_first(idx: list[int], requests: list[Request], batch_size: int) -> Iterable[list[int]]:
     """Batches of indices, longest conversations first (a proxy for prompt length that needs no tokenizer)."""
     size = lambda i: len(json.dumps(requests[i].messages)) + 1000 * len(requests[i].images)  # noqa: E731
@@ -180,9 +205,10 @@ def load_for_inference(base: str, adapters: dict[str, str], *, quant: str = "nf4
         from vlora.model import keep_training_layout
 
         keep_training_layout(model)  # the adapter was trained on this layout; the CPU inference repack differs
-    from vlora.kernels import lean_vision_tower
+    from vlora.kernels import lean_vision_tower, matmul_patch_embed
 
     lean_vision_tower(model)  # as in training: bit-identical, fewer operator calls
+    matmul_patch_embed(model)  # as in training by default (model.matmul_patch_embed): equal within fp32 rounding
     model.eval()
     if adapters:
         from peft import PeftModel

@@ -123,6 +123,10 @@ def load_base_model(cfg: Config, device: torch.device, compute_dtype: torch.dtyp
         from vlora.kernels import lean_vision_tower
 
         lean_vision_tower(model)  # bit-identical vision outputs from far fewer operator calls (vlora/kernels.py)
+    if cfg.model.matmul_patch_embed:
+        from vlora.kernels import matmul_patch_embed
+
+        matmul_patch_embed(model)
     return model
 
 
@@ -300,12 +304,19 @@ def load_init_adapter(peft_model: nn.Module, path: str | Path) -> dict[str, dict
 
 def build_model(cfg: Config, device: torch.device, compute_dtype: torch.dtype,
                 quant_storage: torch.dtype | None = None) -> nn.Module:
-    """The base with LoRA placed, frozen where configured, optionally started from an earlier adapter; logs all."""
+    """The base with LoRA placed, frozen where configured, optionally started from an earlier adapter, with Liger's
+    kernels where model.liger asks; logs all."""
+    from vlora.liger import apply_liger, liger_available
     from vlora.metrics import log
 
+    if cfg.model.liger and (why := liger_available()):  # said before minutes of loading, not after
+        raise VloraError(f"model.liger=true but Liger's kernels cannot run here: {why}; set model.liger=false")
     model = apply_lora(load_base_model(cfg, device, compute_dtype, quant_storage), cfg)
     for line in describe_lora(model):
         log.info(line)
+    if cfg.model.liger:
+        for line in apply_liger(model):  # on the instances LoRA already wraps: SwiGLU calls the wrapped linears
+            log.info(line)
     if cfg.lora.init_from:
         report = load_init_adapter(model, cfg.lora.init_from)
         fmt = lambda d: ", ".join(f"{g} ({n} tensors)" for g, n in d.items()) or "nothing"  # noqa: E731
@@ -348,16 +359,29 @@ class SupervisedLoss(nn.Module):
     `vision_lockstep` (ZeRO-3, whose forward gathers each module's weights with a collective): a batch without
     images still runs the vision tower, at the point where images would run, so every rank gathers the same
     weights in the same order.
+
+    `fused_ce`: the supervised positions go through Liger's fused linear cross-entropy (vlora/liger.py) instead of
+    lm_head + F.cross_entropy: the same sum without the (positions x vocabulary) logits in memory. None (the
+    default): where build_model applied Liger (model.liger). Used only where it is exact, else the plain loss with
+    one log line saying why: not under ZeRO-3 (lm_head's partitioned weight is gathered only by lm_head's own
+    forward hooks, which the fused loss bypasses), not on a LoRA / modules_to_save / quantized lm_head, not on the
+    CPU, not with fp16 logits (vlora.liger.fused_ce_blocker).
     """
 
-    def __init__(self, peft_model: nn.Module, vision_lockstep: bool = False):
+    def __init__(self, peft_model: nn.Module, vision_lockstep: bool = False, fused_ce: bool | None = None):
+        from vlora.liger import FUSED_CE_ATTR
+
         super().__init__()
         self.peft_model = peft_model
-        visual = peft_model.get_base_model().model.visual
+        hf = peft_model.get_base_model()
+        visual = hf.model.visual
         # If anything in the vision tower or merger trains, every backward must reach it, also for a batch
         # without images: DDP (and ZeRO) expect the same parameters to receive gradients on every rank.
         self.vision_trains = any(p.requires_grad for p in visual.parameters())
         self.vision_lockstep = vision_lockstep
+        self.fused_ce = bool(getattr(hf, FUSED_CE_ATTR, False)) if fused_ce is None else fused_ce
+        if self.fused_ce and vision_lockstep:  # known now, also where ZeRO-3 partitions later (zero3_init=false)
+            self._plain_ce("ZeRO-3 partitions lm_head's weight and only its own forward gathers it")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hf = self.peft_model.get_base_model()
@@ -388,8 +412,29 @@ class SupervisedLoss(nn.Module):
         # indices r * L + c of the predicting positions in the whole (rows x L) grid: reshape is a view of a
         # contiguous hidden, so only the gathered rows are copied (hidden[:, :-1] would copy it all when B > 1).
         flat = hidden.reshape(-1, hidden.shape[-1])
-        logits = hf.lm_head(flat.index_select(0, batch["loss_index"]))
+        rows = flat.index_select(0, batch["loss_index"])
+        if self.fused_ce and self._fused_ce_applies(hf.lm_head, rows):
+            from vlora import liger
+
+            return liger.fused_supervised_ce(rows, hf.lm_head, batch["loss_targets"])
+        logits = hf.lm_head(rows)
         return F.cross_entropy(logits.float(), batch["loss_targets"], reduction="sum")
+
+    def _fused_ce_applies(self, lm_head: nn.Module, rows: torch.Tensor) -> bool:
+        """Checked on every forward (attribute reads only): ZeRO-3 without zero3_init partitions lm_head and hooks
+        it after this module is built; the first forward that finds a reason falls back for good."""
+        from vlora.liger import fused_ce_blocker
+
+        why = fused_ce_blocker(lm_head, rows)
+        if why:
+            self._plain_ce(why)
+        return why is None
+
+    def _plain_ce(self, why: str) -> None:
+        from vlora.metrics import log
+
+        self.fused_ce = False
+        log.info("loss: lm_head + cross_entropy, not Liger's fused linear cross-entropy: %s", why)
 
     @staticmethod
     def idle_vision_pass(hf: nn.Module, like: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,11 @@ training step's critical path) is done here, off the GPU's way.
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 import json
 import logging
+from collections.abc import Callable
 
 import torch
 from PIL import Image
@@ -154,7 +156,10 @@ class Collator:
         messages = meta["messages"]
         images = self.load_images(messages, sample_images(sample))
         text = self.processor.apply_chat_template(messages, tokenize=False)
-        enc = self.processor(text=[text], images=images or None, do_resize=False, return_tensors="pt")
+        # No mm_token_type_ids: training passes its own 3-D positions (below), and the processor's per-token loop
+        # would be a fifth of this function's time.
+        enc = self.processor(text=[text], images=images or None, do_resize=False, return_tensors="pt",
+                             return_mm_token_type_ids=False)
         ids = enc["input_ids"][0]
         if ids.numel() > self.max_length:
             # Cutting would split an image's tokens or drop the answer: skip the sample, never truncate it.
@@ -174,10 +179,14 @@ class Collator:
             out["image_grid_thw"] = grid
         return out
 
-    def collate(self, items: list[dict]) -> dict:
-        """Pad to the longest sample in the batch (right padding; pads are masked and carry no loss), or pack."""
+    def collate(self, items: list[dict], empty: Callable = torch.empty) -> dict:
+        """Pad to the longest sample in the batch (right padding; pads are masked and carry no loss), or pack.
+
+        `empty(shape, dtype=)` makes the tensor that `pixel_values` is written into: a data worker passes one that
+        places it in the shared memory that carries the batch to the trainer (stream.Slabs), saving a copy.
+        """
         if self.pack_length > 0:
-            return self.collate_packed(items)
+            return self.collate_packed(items, empty)
         n, length = len(items), max(x["input_ids"].numel() for x in items)
         batch = {
             "input_ids": torch.full((n, length), self.pad_id, dtype=torch.long),
@@ -191,9 +200,9 @@ class Collator:
             batch["attention_mask"][row, :k] = 1
             batch["labels"][row, :k] = x["labels"]
             batch["position_ids"][:, row, :k] = x["position_ids"]
-        return self.finish(batch, items, row_major=items)
+        return self.finish(batch, items, row_major=items, empty=empty)
 
-    def collate_packed(self, items: list[dict]) -> dict:
+    def collate_packed(self, items: list[dict], empty: Callable = torch.empty) -> dict:
         """Pack samples first-fit into rows of at most `pack_length` tokens, padded to the longest row.
 
         `position_ids` is (4, rows, L): row 0 holds text positions restarting at 0 for every sample, rows 1-3 each
@@ -227,14 +236,17 @@ class Collator:
             batch["position_ids"][:, r, start:] = torch.arange(length - start)
         batch["spans"] = spans
         # The model scatters image features into the <|image_pad|> tokens in row-major order: images follow it.
-        return self.finish(batch, items, row_major=[items[i] for row in rows for i in row])
+        return self.finish(batch, items, row_major=[items[i] for row in rows for i in row], empty=empty)
 
     @staticmethod
-    def finish(batch: dict, items: list[dict], row_major: list[dict]) -> dict:
+    def finish(batch: dict, items: list[dict], row_major: list[dict], empty: Callable = torch.empty) -> dict:
         """Images in row-major order, loss positions, and the per-batch counts (keys in the items' order)."""
         with_images = [x for x in row_major if "pixel_values" in x]
         if with_images:
-            batch["pixel_values"] = torch.cat([x["pixel_values"] for x in with_images])
+            pixels = [x["pixel_values"] for x in with_images]
+            dtype = functools.reduce(torch.promote_types, (p.dtype for p in pixels))  # what torch.cat would give
+            out = empty((sum(p.shape[0] for p in pixels), *pixels[0].shape[1:]), dtype=dtype)
+            batch["pixel_values"] = torch.cat(pixels, out=out)
             batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in with_images])
         # The predicting positions, as flat indices r * L + c into the whole (rows x L) grid (c < L - 1), whose
         # next token carries loss, and those tokens: the loss gathers hidden.reshape(-1, H) (a view) with
