@@ -353,6 +353,7 @@ def check_against_stock(run, batch: dict, *, tolerance: float = 1e-4) -> dict:
 
     The stock path is the peft model called with `labels` (full-vocabulary logits at every position, the model's
     own loss, transformers' own vision tower code): what a user's plain loop computes."""
+    from vlora.kernels import stock_vision
     from vlora.train import to_device
 
     model, device = run.model, run.world.device
@@ -376,26 +377,6 @@ def check_against_stock(run, batch: dict, *, tolerance: float = 1e-4) -> dict:
     loss_diff = abs(ours.item() - stock.item()) / max(abs(stock.item()), 1e-12)
     return {"loss": ours.item(), "stock_loss": stock.item(), "loss_rel_diff": loss_diff,
             "grad_rel_diff": worst, "tolerance": tolerance, "ok": loss_diff <= tolerance and worst <= tolerance}
-
-
-def stock_vision(model):
-    """A context in which the vision tower runs transformers' own code (vlora.kernels' lean tower undone)."""
-    import contextlib
-
-    from vlora.kernels import lean_vision_tower, matmul_patch_embed, stock_vision_tower
-
-    @contextlib.contextmanager
-    def ctx():
-        lean = [m for m in model.modules() if vars(m).get("_vlora_lean")]  # what to put back after
-        stock_vision_tower(model)
-        try:
-            yield
-        finally:
-            if any(not isinstance(m, torch.nn.Conv3d) for m in lean):
-                lean_vision_tower(model)
-            if any(isinstance(m, torch.nn.Conv3d) for m in lean):
-                matmul_patch_embed(model)
-    return ctx()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ and only gets the cached cu_seqlens and max_seqlen, which spares flash attention
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import sys
@@ -170,6 +171,21 @@ def _patch_matmul_forward(self: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
         return type(self).forward(self, x)
     out = F.linear(x.reshape(x.shape[0], -1), self.weight.reshape(self.out_channels, -1), self.bias)
     return out.view(*out.shape, 1, 1, 1)  # the convolution's (n, E, 1, 1, 1)
+
+
+@contextlib.contextmanager
+def stock_vision(model: nn.Module):
+    """A block in which the vision tower runs transformers' own code: what `lean_vision_tower` and
+    `matmul_patch_embed` installed is undone, then installed again after (`vlora bench --check`)."""
+    lean = [m for m in model.modules() if vars(m).get("_vlora_lean")]
+    stock_vision_tower(model)
+    try:
+        yield
+    finally:
+        if any(not isinstance(m, nn.Conv3d) for m in lean):
+            lean_vision_tower(model)
+        if any(isinstance(m, nn.Conv3d) for m in lean):
+            matmul_patch_embed(model)
 
 
 def _towers(model: nn.Module) -> list[nn.Module]:
