@@ -39,12 +39,12 @@ $(DEMO)/src/train.jsonl: | $(STAMP)
 $(DEMO)/%/manifest.json: $(DEMO)/src/train.jsonl
 	$(VLORA) pack --src $(DEMO)/src/$*.jsonl --out $(DEMO)/$* --shard-size 128
 
-# Train, then score the adapter against the base before fine-tuning and the majority answer (runs/demo/eval/).
-# The tiny model and the demo shards are built side by side: each step is mostly a Python start on one core.
+# Train, then score the adapter against the base before fine-tuning and the majority answer (runs/demo/eval/;
+# run.report_samples does in the same process what `vlora eval` does). The tiny model and the demo shards are built
+# side by side: each step is mostly a Python start on one core.
 demo: | $(STAMP)
 	$(MAKE) --no-print-directory -j2 $(TINY)/config.json demo-shards
 	$(PY) train.py --config vlora/configs/demo.yaml
-	$(VLORA) eval --model $(TINY) --adapter runs/demo/adapter --shards $(DEMO)/val
 
 train: | $(STAMP)
 	.venv/bin/torchrun --standalone --nproc_per_node $(NPROC) --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 train.py $(ARGS)

@@ -139,10 +139,15 @@ def test_the_answer_budget_follows_the_longest_reference(tiny_model_dir):
 @pytest.mark.slow
 def test_training_logs_the_exact_match_that_its_adapter_gives(monkeypatch, tiny_model_dir, demo_shards, tmp_path):
     """run.eval_generate: val_exact_match at every evaluation; the last equals what the saved adapter scores on
-    the same held-out samples when loaded afresh."""
+    the same held-out samples when loaded afresh. Answers are generated run.eval_batch at a time."""
+    sizes = []
+    unspied = Answerer.answer
+    monkeypatch.setattr(Answerer, "answer", lambda self, requests, **kw: sizes.append(len(requests))
+                        or unspied(self, requests, **kw))
     run = train_in_process(monkeypatch, tiny_model_dir, demo_shards, tmp_path, **{
         "optim.max_steps": 4, "optim.global_batch": 4, "optim.micro_batch": 2, "run.eval_every": 2,
-        "run.eval_generate": 6, "data.val_samples": 8, "run.plot": "true"})
+        "run.eval_generate": 6, "run.eval_batch": 4, "data.val_samples": 8, "run.plot": "true"})
+    assert sum(sizes) == 3 * 6 and 2 < max(sizes) <= 4  # 3 evaluations, batches over micro_batch
     records = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     logged = {r["step"]: r["val_exact_match"] for r in records if "val_exact_match" in r}
     assert sorted(logged) == [0, 2, 4] and all(0 <= v <= 100 for v in logged.values())

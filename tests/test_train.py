@@ -11,11 +11,12 @@ from helpers import REPO, clean_env, plain_peft_logits, read_jsonl, run_override
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_4bit_accumulation(tiny_model_dir, demo_shards, tmp_path):
-    """2 ranks x micro-batch 2 x accumulation 2: replicas stay bit-identical after every step and held-out loss falls."""
+    """2 ranks x micro-batch 2 x accumulation 2: replicas stay bit-identical after every step and held-out loss falls.
+    run.report_samples: rank 0 then scores the saved adapter, and its report is the one `vlora eval` writes."""
     steps = 16
     proc = torchrun(run_overrides(tiny_model_dir, demo_shards, tmp_path, **{
         "optim.max_steps": steps, "optim.global_batch": 8, "optim.micro_batch": 2, "model.quant": "nf4",
-        "run.param_digest": "true", "run.log_every": 4}))
+        "run.param_digest": "true", "run.log_every": 4, "run.report_samples": 6}))
     run = tmp_path / "t"
     assert "grad_accum 2" in proc.stderr and "world 2" in proc.stderr and "4-bit nf4" in proc.stderr
 
@@ -38,6 +39,30 @@ def test_torchrun_two_ranks_4bit_accumulation(tiny_model_dir, demo_shards, tmp_p
         "adapter", "train_state.json", "config.yaml", "rank00000.json", "rank00001.json",
         "optimizer.rank00000.pt", "optimizer.rank00001.pt", "rng.rank00000.safetensors", "rng.rank00001.safetensors"}
     assert f"held-out loss: {val[0]:.4f} at step 0 -> {val[steps]:.4f} at step {steps}" in proc.stdout
+    assert_report_is_vlora_eval(run, demo_shards / "val", proc.stdout, samples=6, batch_size=2)
+
+
+def assert_report_is_vlora_eval(run, shards, printed: str, *, samples: int, batch_size: int) -> None:
+    """The run's runs/NAME/eval report (printed once, by rank 0) equals `vlora eval` of its saved adapter."""
+    import contextlib
+    import io
+    import json
+
+    from vlora import cli
+
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["n_items"] == samples and report["systems"] == ["adapter", "base", "majority"]
+    assert printed.count("exact match (%) on 6 samples") == 1 and f"report: {run / 'eval' / 'report.html'}" in printed
+    again = run.parent / "again"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["eval", "--model", report["model"], "--adapter", str(run / "adapter"), "--shards",
+                         str(shards), "--out", str(again), "--max-samples", str(samples), "--device", "cpu",
+                         "--batch-size", str(batch_size)]) == 0
+    expected = json.loads((again / "report.json").read_text())
+    assert report["scores"] == expected["scores"]
+    # Within float summation order: the test process and the run's rank 0 use different CPU thread counts.
+    assert report["heldout_loss"] == pytest.approx(expected["heldout_loss"], rel=1e-6)
+    assert [i["answers"] for i in report["items"]] == [i["answers"] for i in expected["items"]]
 
 
 def test_saved_adapter_loads_with_plain_peft(tiny_model_dir, demo_shards, tmp_path, monkeypatch):

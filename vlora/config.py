@@ -134,6 +134,12 @@ class LoopArgs:
     # At each evaluation, also answer this many held-out samples (greedy) and log their exact match
     # (val_exact_match) beside the loss; 0 = loss only. Ignored without data.val; at least one sample per rank.
     eval_generate: int = 0
+    # Held-out answers generated per batch (eval_generate, report_samples); 0 = optim.micro_batch. Greedy decoding
+    # is per-token overhead on small models: a larger batch is faster, at the cost of memory for the cache.
+    eval_batch: int = 0
+    # After training, score the saved adapter on this many data.val samples against the base and the majority
+    # answer, as `vlora eval` does (runs/NAME/eval/report.html), in the same process (rank 0); 0 = off.
+    report_samples: int = 0
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run (with a checkpoint)
 
 
@@ -388,6 +394,7 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
         "data.pack_length": cfg.data.pack_length, "lora.dropout": cfg.lora.dropout,
         "run.eval_every": cfg.run.eval_every, "run.save_every": cfg.run.save_every,
         "data.val_samples": cfg.data.val_samples, "run.eval_generate": cfg.run.eval_generate,
+        "run.eval_batch": cfg.run.eval_batch, "run.report_samples": cfg.run.report_samples,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -223,15 +223,20 @@ def cmd_eval(args) -> int:
     report = evaluate(args.model, args.adapter, args.shards, out, max_samples=args.max_samples,
                       with_base=not args.no_base, quant=args.quant, dtype=args.dtype, device=args.device,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, **pixels)
+    print_report(report, args.shards, out)
+    return 0
+
+
+def print_report(report: dict, shards: str, out) -> None:
+    """The report as `vlora eval` prints it: held-out losses, then the exact-match table, then where the page is."""
     losses = ", ".join(f"{s} {v:.4f}" for s, v in report["heldout_loss"].items())
     print(f"held-out loss per supervised token: {losses}")
     tokenizer = f"; captions tokenized by {report['tokenizer']}" if report["tokenizer"] else ""
-    print(f"exact match (%) on {report['n_items']} samples of {args.shards}; tasks from {report['task_source']}"
+    print(f"exact match (%) on {report['n_items']} samples of {shards}; tasks from {report['task_source']}"
           f"{tokenizer}:")
     for line in format_table(report):
         print("  " + line)
-    print(f"report: {Path(out) / 'report.html'} ({report['seconds']:.0f} s)")
-    return 0
+    print(f"report: {Path(out) / 'report.html'} ({report['seconds']:.0f} s)", flush=True)
 
 
 def add_eval_parser(sub) -> None:

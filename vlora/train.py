@@ -418,7 +418,7 @@ def _evaluate_and_log(run: Run) -> None:
     if run.answerer is not None:
         run.loss_model.eval()  # no LoRA dropout; and no activation checkpointing, so generate keeps its cache
         with run.precision.autocast():
-            em = heldout_exact_match(run.answerer, run.answer_items, batch_size=run.cfg.optim.micro_batch,
+            em = heldout_exact_match(run.answerer, run.answer_items, batch_size=eval_batch(run.cfg),
                                      lockstep=run.engine.lockstep)
         run.loss_model.train()
         run.val_exact_match[step] = record["val_exact_match"] = em
@@ -475,6 +475,28 @@ def finish(run: Run) -> None:
         print(f"adapter saved to {adapter_dir}", flush=True)
 
 
+def eval_batch(cfg: Config) -> int:
+    return cfg.run.eval_batch or cfg.optim.micro_batch
+
+
+def final_report(cfg: Config) -> None:
+    """run.report_samples: score the adapter as saved against the base and the majority answer, as `vlora eval`
+    would (the same report), on rank 0 after the other ranks are done: the saved folder is what is handed over,
+    and one process spares a new Python start and its imports (~15 s on the CPU)."""
+    import gc
+
+    from vlora.evaluate import evaluate, print_report
+
+    gc.collect()  # the training model is gone once train() returned; give its memory back before loading
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    out = cfg.run_dir / "eval"
+    report = evaluate(cfg.model.path, str(cfg.run_dir / "adapter"), cfg.data.val, str(out),
+                      max_samples=cfg.run.report_samples, quant=cfg.model.quant, batch_size=eval_batch(cfg),
+                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    print_report(report, cfg.data.val, out)
+
+
 def train(cfg: Config, plan: Plan) -> None:
     """Train under the current process group (or alone): build, fit, finish; everything opened is closed on every
     way out (success, pre-emption, bad steps, a failed collective)."""
@@ -497,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = preflight(cfg, world_size_from_env())  # before any model loads or process group forms
         started = True
         train(cfg, plan)
+        cleanup()  # the other ranks are done; rank 0 scores the saved adapter alone
+        if cfg.run.report_samples and cfg.data.val and int(os.environ.get("RANK", "0")) == 0:
+            final_report(cfg)
     except Preempted:
         return EXIT_PREEMPTED
     except VloraError as e:
