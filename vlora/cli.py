@@ -76,7 +76,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     k = sub.add_parser("pack", help="check annotation files and their images, and pack them into WebDataset shards")
     k.add_argument("--src", required=True, type=Path,
                    help="annotation file (.json or .jsonl), or a folder: every *.json / *.jsonl in it, recursively")
-    k.add_argument("--out", required=True, type=Path, help="shard folder to write (e.g. shards/NAME/train)")
+    k.add_argument("--out", required=True,
+                   help="shard folder to write (e.g. shards/NAME/train), or s3://bucket/prefix, gs://bucket/prefix")
     k.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="annotation format (default: detected per file)")
     k.add_argument("--image-root", type=Path, default=None, help="resolve relative image paths here first, then beside the file")
     k.add_argument("--shard-size", type=int, default=1000, help="samples per shard")

@@ -82,6 +82,7 @@ class LoraArgs:
 @dataclass
 class DataArgs:
     # Shard folders (manifest.json + *.tar, written by `vlora pack`), mixed by weight: "dir" or "dir:2,dir2:1".
+    # A folder may be a URL: s3://bucket/prefix, gs://bucket/prefix, https://host/path, pipe:COMMAND (docs/data.md).
     train: str = "shards/demo/train"
     val: str = "shards/demo/val"  # held-out shards; empty string = no evaluation
     # Images are resized so that h*w lies in [min_pixels, max_pixels]. The same two defaults are the data package's
@@ -92,6 +93,7 @@ class DataArgs:
     max_length: int = 2048  # tokens per sample, image tokens included; longer samples are skipped, counted
     open_shards: int = 4  # shards each data reader interleaves at random (the in-epoch shuffle)
     num_workers: int = 2  # data-loader processes per rank
+    retries: int = 8  # a remote read that fails this many times in a row (with backoff) stops the run
     val_samples: int = 256  # at most this many held-out samples per evaluation
     pack_length: int = 0  # >0: pack several samples into rows of this many tokens (attention kept per sample)
     train_on: str = "assistant"  # assistant (loss on replies only) | all (user turns' text too; never images)
@@ -393,7 +395,7 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
         "optim.weight_decay": cfg.optim.weight_decay, "data.num_workers": cfg.data.num_workers,
         "data.pack_length": cfg.data.pack_length, "lora.dropout": cfg.lora.dropout,
         "run.eval_every": cfg.run.eval_every, "run.save_every": cfg.run.save_every,
-        "data.val_samples": cfg.data.val_samples, "run.eval_generate": cfg.run.eval_generate,
+        "data.val_samples": cfg.data.val_samples, "run.eval_generate": cfg.run.eval_generate, "data.retries": cfg.data.retries,
         "run.eval_batch": cfg.run.eval_batch, "run.report_samples": cfg.run.report_samples,
     }
     for key, value in non_negative.items():

@@ -11,7 +11,6 @@ Writes report.json and report.html (vlora.report) to `--out`, and prints the tab
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from pathlib import Path
@@ -25,17 +24,14 @@ ADAPTER = "adapter"  # the adapter's name in the model and in the report
 
 
 def read_samples(shards: str, max_samples: int) -> list[dict]:
-    """The first `max_samples` samples of a shard folder, in shard order, as webdataset dicts."""
-    import webdataset as wds
+    """The first `max_samples` samples of a shard folder (or URL), in shard order, as webdataset dicts."""
+    from vlora.data import remote, stream
 
-    from vlora.data.stream import shard_paths
-
-    if not (Path(shards) / "manifest.json").is_file():
+    if not remote.is_remote(shards) and not (Path(shards) / "manifest.json").is_file():
         raise VloraError(f"--shards {shards}: no manifest.json there; give a folder written by `vlora pack`")
-    stream = wds.WebDataset(shard_paths(shards), shardshuffle=False, nodesplitter=lambda urls: urls, empty_check=False)
-    samples = list(itertools.islice(stream, max_samples))
+    samples = list(stream.read_samples(shards, max_samples))
     if not samples:
-        raise VloraError(f"--shards {shards}: no samples")
+        raise VloraError(f"--shards {remote.redact(shards)}: no samples")
     return samples
 
 

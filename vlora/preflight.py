@@ -62,12 +62,13 @@ def check_data(cfg: Config, world_size: int) -> None:
     """data.train's folders ("dir" or "dir:weight,...") and data.val: present, manifests readable, enough shards for
     world_size ranks x data.num_workers readers, images packed for this data.max_pixels."""
     from vlora.data.manifest import read_manifest
+    from vlora.data.remote import is_remote
     from vlora.data.stream import check_sources
 
     sources = check_sources(cfg.data.train, world_size, cfg.data.num_workers)
     folders = [folder for folder, _ in sources]
     if cfg.data.val:
-        if not Path(cfg.data.val).is_dir():
+        if not is_remote(cfg.data.val) and not Path(cfg.data.val).is_dir():
             raise VloraError(f"data.val shard folder '{cfg.data.val}' does not exist; run `make shards` or `vlora pack`")
         folders.append(cfg.data.val)
     for folder in folders:

@@ -230,6 +230,7 @@ def _build_data(cfg: Config, world: World, processor, compute_dtype: torch.dtype
                 lockstep: bool):
     """(collator, the training stream from `position`, this rank's held-out batches)."""
     from vlora.data.collate import Collator
+    from vlora.data.remote import RetryPolicy
     from vlora.data.stream import heldout_batches, parse_sources, train_loader
 
     collator = Collator(processor, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
@@ -238,10 +239,10 @@ def _build_data(cfg: Config, world: World, processor, compute_dtype: torch.dtype
     batches = train_loader(parse_sources(cfg.data.train), rank=world.rank, world_size=world.size,
                            num_workers=cfg.data.num_workers, seed=cfg.run.seed, micro_batch=cfg.optim.micro_batch,
                            encode=collator.encode, collate=collator.collate, state=position,
-                           open_shards=cfg.data.open_shards)
+                           open_shards=cfg.data.open_shards, policy=RetryPolicy(retries=cfg.data.retries))
     heldout = heldout_batches(cfg.data.val, rank=world.rank, world_size=world.size, max_samples=cfg.data.val_samples,
-                              micro_batch=cfg.optim.micro_batch, encode=collator.encode,
-                              collate=collator.collate) if cfg.data.val else []
+                              micro_batch=cfg.optim.micro_batch, encode=collator.encode, collate=collator.collate,
+                              policy=RetryPolicy(retries=cfg.data.retries)) if cfg.data.val else []
     if cfg.data.val and lockstep:
         # Lockstep evaluation repeats a rank's own last batch to keep up with the others: it needs one.
         fewest = -all_reduce_max(torch.tensor([-len(heldout)], device=world.device)).item()

@@ -30,25 +30,53 @@ def _is_shard_entry(s) -> bool:
     return isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("samples"), int)
 
 
+def _offsets_ok(s: dict) -> bool:
+    """An entry's optional per-sample byte offsets: one per sample, rising, inside the shard."""
+    offsets = s.get("offsets")
+    if offsets is None:
+        return True
+    return (isinstance(offsets, list) and len(offsets) == s["samples"] and isinstance(s.get("bytes"), int)
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and all(0 <= a < b for a, b in zip(offsets, offsets[1:])) and (not offsets or offsets[-1] < s["bytes"]))
+
+
+def parse_manifest(text: bytes | str, where: str) -> dict:
+    """The manifest in `text` (read from `where`), checked; VloraError naming `where` when it is unusable."""
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VloraError(f"{where}: not valid JSON ({e}); run `vlora pack` again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise VloraError(f"{where}: format is {got!r}, expected {FORMAT!r}; repack with this version of vlora")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(map(_is_shard_entry, shards)):
+        raise VloraError(f"{where}: 'shards' must be a list of {{name, samples, bytes, sha256}}; run `vlora pack` again")
+    for s in shards:
+        if not _offsets_ok(s):
+            raise VloraError(f"{where}: shard {s['name']}'s 'offsets' are not one rising byte offset per sample inside "
+                             "the shard; run `vlora pack` again")
+    return manifest
+
+
 def read_manifest(shard_dir) -> dict:
-    """Load and check shard_dir/manifest.json; VloraError (naming the folder) when it is unusable."""
+    """Load and check shard_dir/manifest.json; VloraError (naming the folder) when it is unusable.
+
+    A folder URL (s3://, gs://, http(s)://, pipe:) is read through vlora.data.remote; its shards' sizes are
+    checked when each is opened (a listing is not something every store offers)."""
+    from vlora.data import remote
+
+    if remote.is_remote(str(shard_dir)):
+        url = remote.join(str(shard_dir), MANIFEST)
+        return parse_manifest(remote.read_bytes(url), remote.redact(url))
     d = Path(shard_dir)
     if not d.is_dir():
         raise VloraError(f"{d}: shard folder not found; run `vlora pack` first or fix the path")
     path = d / MANIFEST
     if not path.is_file():
         raise VloraError(f"{d}: no {MANIFEST} (not a shard folder, or packing did not finish); run `vlora pack` again")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VloraError(f"{path}: not valid JSON ({e}); run `vlora pack` again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else None
-        raise VloraError(f"{path}: format is {got!r}, expected {FORMAT!r}; repack with this version of vlora")
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not all(map(_is_shard_entry, shards)):
-        raise VloraError(f"{path}: 'shards' must be a list of {{name, samples, bytes, sha256}}; run `vlora pack` again")
-    for s in shards:
+    manifest = parse_manifest(path.read_bytes(), str(path))
+    for s in manifest["shards"]:
         shard = d / s["name"]
         if not shard.is_file():
             raise VloraError(f"{d}: shard {s['name']} listed in {MANIFEST} is missing; copy it over or repack")
@@ -58,7 +86,11 @@ def read_manifest(shard_dir) -> dict:
     return manifest
 
 
-def shard_paths(shard_dir) -> list[str]:
-    """Absolute paths of the shards listed in the manifest, in manifest order."""
+def shard_paths(shard_dir, manifest: dict | None = None) -> list[str]:
+    """Absolute paths (or URLs) of the shards listed in the manifest, in manifest order."""
+    from vlora.data import remote
+
+    if remote.is_remote(str(shard_dir)):
+        return [remote.join(str(shard_dir), s["name"]) for s in (manifest or read_manifest(shard_dir))["shards"]]
     d = Path(shard_dir).absolute()
-    return [str(d / s["name"]) for s in read_manifest(d)["shards"]]
+    return [str(d / s["name"]) for s in (manifest or read_manifest(d))["shards"]]

@@ -59,7 +59,7 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from PIL import Image
 from webdataset import TarWriter
@@ -451,8 +451,8 @@ class _HashingFile:
 class _ShardWriter:
     """Writes samples into shard-000000.tar, shard-000001.tar, ... rolling over every `shard_size`."""
 
-    def __init__(self, out: Path, shard_size: int):
-        self.out, self.shard_size, self.shards = out, shard_size, []
+    def __init__(self, out: Path, shard_size: int, on_shard: Callable[[Path], None] | None = None):
+        self.out, self.shard_size, self.shards, self.on_shard = out, shard_size, [], on_shard
         self.file = self.hasher = self.tar = None
         self.count = 0
 
@@ -463,8 +463,10 @@ class _ShardWriter:
             self.file = open(self.out / name, "wb")
             self.hasher = _HashingFile(self.file)
             self.tar = TarWriter(self.hasher, encoder=False, **TAR_META)
-            self.shards.append({"name": name})
+            self.shards.append({"name": name, "offsets": []})
             self.count = 0
+        # Where the sample's first tar header starts: a resumed reader seeks (or asks a store for bytes) from here.
+        self.shards[-1]["offsets"].append(self.tar.tarstream.offset)
         self.tar.write(sample)
         self.count += 1
 
@@ -475,6 +477,10 @@ class _ShardWriter:
         self.file.close()
         self.shards[-1].update(samples=self.count, bytes=self.hasher.bytes, sha256=self.hasher.sha.hexdigest())
         self.tar = None
+        if self.on_shard is not None:
+            path = self.out / self.shards[-1]["name"]
+            self.on_shard(path)
+            path.unlink()  # uploaded: the local disk holds one shard at a time
 
     def close(self) -> list[dict]:
         self._close_shard()
@@ -600,9 +606,10 @@ DEFAULT_MAX_PIXELS = QWEN_FACTOR * QWEN_FACTOR * 256  # 200704: 256 image tokens
 def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int = 1000, workers: int = 1,
          max_image_pixels: int = PIL_MAX_IMAGE_PIXELS, max_tokens: int | None = None, model=None,
          min_pixels: int | None = None, max_pixels: int | None = None, progress: bool = False,
-         max_image_bytes: int = MAX_IMAGE_BYTES, confine: bool = False) -> PackSummary:
+         max_image_bytes: int = MAX_IMAGE_BYTES, confine: bool = False, on_shard=None) -> PackSummary:
     """Pack the annotation file `src` (or every annotation file under the folder `src`) into WebDataset shards
-    under `out`, replacing an earlier pack there.
+    under `out`, replacing an earlier pack there. `out` may be an s3:// or gs:// folder: the shards are written
+    locally, each uploaded (and deleted) as soon as it is finished, the manifest last (vlora.data.remote.Uploader).
 
     `min_pixels` / `max_pixels` are the run's (by default data.min_pixels / data.max_pixels): every image must
     resize under them as training will; `max_tokens` (with `model`, a Qwen2.5-VL folder) also rejects samples
@@ -612,6 +619,13 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
     a missing src, an undetectable format, bad settings or an `out` that is not a shard folder; bad records
     never raise, they are counted and listed in out/rejects.jsonl.
     """
+    from vlora.data import remote
+
+    if remote.is_remote(str(out)):
+        return _pack_to_store(src, str(out), fmt=fmt, image_root=image_root, shard_size=shard_size, workers=workers,
+                              max_image_pixels=max_image_pixels, max_tokens=max_tokens, model=model,
+                              min_pixels=min_pixels, max_pixels=max_pixels, progress=progress,
+                              max_image_bytes=max_image_bytes, confine=confine)
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     out_abs = out.absolute()  # so the temp/old siblings get a name even for out="."
@@ -634,7 +648,7 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
     s = PackSummary(src=str(src), out=str(out), shard_size=shard_size, skipped=skipped)
     stats: list[dict] = []  # one entry per annotation file read, filled as the files are opened
     # Ids are often unique per file only: in a folder, keys are scoped by file so two files cannot collide.
-    taker = _Taker(s, _ShardWriter(tmp, shard_size), scoped=src.is_dir(), max_image_bytes=max_image_bytes)
+    taker = _Taker(s, _ShardWriter(tmp, shard_size, on_shard), scoped=src.is_dir(), max_image_bytes=max_image_bytes)
     bar = None
     pil_limit = Image.MAX_IMAGE_PIXELS
     try:
@@ -667,6 +681,23 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
             bar.close()
     s.seconds = time.perf_counter() - t0
     return s
+
+
+def _pack_to_store(src, url: str, **kwargs) -> PackSummary:
+    """pack() into a local scratch folder whose shards go to the store `url` one by one, the manifest last."""
+    import tempfile
+
+    from vlora.data import remote
+
+    uploader = remote.Uploader(url)
+    scratch = Path(tempfile.mkdtemp(prefix="vlora-pack-"))
+    try:
+        summary = pack(src, scratch / "set", on_shard=uploader.put, **kwargs)
+        uploader.finish(scratch / "set")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    summary.out = url
+    return summary
 
 
 def _make_checker(max_image_pixels: int, max_image_bytes: int, min_pixels: int, max_pixels: int,

@@ -61,6 +61,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
+from vlora.data import remote
 from vlora.data.manifest import read_manifest, shard_paths
 from vlora.errors import VloraError
 
@@ -111,8 +112,8 @@ def parse_sources(spec) -> list[tuple[str, float]]:
         elif isinstance(entry, str):
             entry = entry.strip()
             folder, sep, tail = entry.rpartition(":")
-            if not sep:
-                folder, weight = entry, 1.0
+            if not sep or (remote.is_remote(entry) and not re.fullmatch(r"\s*[0-9.eE+-]+\s*", tail)):
+                folder, weight = entry, 1.0  # a URL's own colons (s3://, host:port, pipe:) are not a weight
             else:
                 weight = _weight(tail.strip(), entry)
                 folder = folder.strip()
@@ -120,12 +121,18 @@ def parse_sources(spec) -> list[tuple[str, float]]:
             raise VloraError(f"data.train entry {entry!r} is not 'DIR[:WEIGHT]'")
         if not folder:
             raise VloraError(f"data.train {spec!r} has an empty entry; write 'DIR[:WEIGHT],DIR[:WEIGHT]'")
-        if not Path(folder).is_dir():
+        if not remote.is_remote(folder) and not Path(folder).is_dir():
             raise VloraError(f"data.train shard folder '{folder}' does not exist; run `vlora pack` or fix the path")
-        if any(Path(folder).resolve() == Path(f).resolve() for f, _ in out):
+        if any(_same_folder(folder, f) for f, _ in out):
             raise VloraError(f"data.train lists '{folder}' twice; give each shard folder once, with one weight")
         out.append((folder, weight))
     return out
+
+
+def _same_folder(a: str, b: str) -> bool:
+    if remote.is_remote(a) or remote.is_remote(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def check_sources(spec, world_size: int, num_workers: int) -> list[tuple[str, float]]:
@@ -145,15 +152,25 @@ class ShardSet:
     sizes: tuple[int, ...]
     weight: float = 1.0
     content: str = ""  # hash of the manifest's shard sha256 list: a repack with other data changes it
+    nbytes: tuple[int | None, ...] = ()  # each shard's size in bytes (the manifest's), if listed
+    offsets: tuple[tuple[int, ...] | None, ...] = ()  # each sample's byte offset in its shard, if listed
 
     @classmethod
     def load(cls, folder: str, weight: float = 1.0) -> ShardSet:
         manifest = read_manifest(folder)
-        if not any(s["samples"] for s in manifest["shards"]):
-            raise VloraError(f"{folder}: its manifest.json lists no samples; pack some data into it")
-        content = hashlib.sha256(json.dumps([s.get("sha256") for s in manifest["shards"]]).encode()).hexdigest()[:16]
-        return cls(str(folder), tuple(shard_paths(folder)), tuple(s["samples"] for s in manifest["shards"]), float(weight),
-                   content)
+        shards = manifest["shards"]
+        if not any(s["samples"] for s in shards):
+            raise VloraError(f"{remote.redact(str(folder))}: its manifest.json lists no samples; pack some data into it")
+        content = hashlib.sha256(json.dumps([s.get("sha256") for s in shards]).encode()).hexdigest()[:16]
+        return cls(str(folder), tuple(shard_paths(folder, manifest)), tuple(s["samples"] for s in shards),
+                   float(weight), content, tuple(s.get("bytes") for s in shards),
+                   tuple(tuple(s["offsets"]) if s.get("offsets") is not None else None for s in shards))
+
+    def shard(self, index: int) -> dict:
+        """What opening shard `index` needs: url, samples, bytes and offsets (None where not listed)."""
+        return {"url": self.urls[index], "size": self.sizes[index],
+                "nbytes": self.nbytes[index] if self.nbytes else None,
+                "starts": self.offsets[index] if self.offsets else None}
 
     def fingerprint(self) -> dict:
         return {"folder": self.folder, "shards": len(self.sizes), "samples": sum(self.sizes), "weight": self.weight,
@@ -221,12 +238,19 @@ class Interleave:
 
     def __init__(self, shards: list[int], sizes: Sequence[int], width: int, rng: random.Random):
         self.sizes, self.rng = sizes, rng
-        self.queue = iter([s for s in shards if sizes[s] > 0])
+        self.pending = [s for s in shards if sizes[s] > 0]
+        self.queue = iter(self.pending)
+        self.queued = 0  # shards taken from the queue
         self.slots: list[list[int]] = []  # [shard, samples taken]
         self.left = 0  # samples left in the open shards
         for shard in itertools.islice(self.queue, width):
             self.slots.append([shard, 0])
             self.left += sizes[shard]
+            self.queued += 1
+
+    def upcoming(self) -> int | None:
+        """The shard that will be opened next, if any is left in this epoch."""
+        return self.pending[self.queued] if self.queued < len(self.pending) else None
 
     def step(self) -> tuple[int, int, bool]:
         """(shard, offset of the sample in it, whether that was the shard's last sample)."""
@@ -245,6 +269,7 @@ class Interleave:
             if nxt is None:
                 del self.slots[i]
             else:
+                self.queued += 1
                 self.slots[i] = [nxt, 0]
                 self.left += self.sizes[nxt]
         return shard, offset, last
@@ -283,24 +308,45 @@ def _sample_start(url: str, index: int) -> tuple[int, str] | None:
 
 
 class ShardReader:
-    """One open shard, read sequentially; opened at any sample offset without reading the samples before it."""
+    """One open shard, read sequentially; opened at any sample offset without reading the samples before it.
 
-    def __init__(self, url: str, size: int, offset: int):
+    `starts` (the manifest's per-sample byte offsets) says where sample `offset` begins: a local file seeks there,
+    a remote one (vlora.data.remote) asks for bytes from there on. Without them (a folder packed by an older
+    vlora) a local tar is scanned header by header, and a remote one is read through from its first byte.
+    """
+
+    def __init__(self, url: str, size: int, offset: int, *, nbytes: int | None = None,
+                 starts: Sequence[int] | None = None, policy: remote.RetryPolicy | None = None):
         self.url, self.size, self.taken = url, size, offset
-        self.file = open(url, "rb")
-        start = _sample_start(url, offset) if offset else None
-        if start is not None:
-            self.file.seek(start[0])
+        self.expect = None  # the key the first sample must have, where a header scan found it
+        start = 0 if offset == 0 else None  # the byte where sample `offset` begins, when known
+        if offset and starts is not None:
+            start = starts[offset]
+        elif offset and not remote.is_remote(url):
+            found = _sample_start(url, offset)
+            if found is not None:
+                start, self.expect = found
+        elif offset:
+            log.warning("%s: its manifest.json lists no sample offsets (packed by an older vlora), so resuming reads "
+                        "its first %d samples again; repack the folder to resume without", remote.redact(url), offset)
+        if remote.is_remote(url):
+            if nbytes is None:
+                raise VloraError(f"{remote.redact(url)}: its manifest.json lists no byte size; repack the folder")
+            self.file = remote.open_shard(url, nbytes, start or 0, policy or remote.RetryPolicy())
+        else:
+            self.file = open(url, "rb")
+            if start:
+                self.file.seek(start)
         self.samples = _samples(url, self.file)
-        if offset and start is None:  # not seekable by headers: read through the prefix (no encode)
+        if offset and start is None:  # not seekable: read through the prefix (no encode)
             for _ in range(offset):
                 self._next()
-        self.expect = start[1] if start is not None else None
 
     def _next(self) -> dict:
         sample = next(self.samples, None)
         if sample is None:
-            raise VloraError(f"{self.url} ends early: its manifest.json lists {self.size} samples; repack this shard folder")
+            raise VloraError(f"{remote.redact(self.url)} ends early: its manifest.json lists {self.size} samples; repack "
+                             "this shard folder")
         return sample
 
     def next(self) -> dict:
@@ -313,7 +359,8 @@ class ShardReader:
         self.taken += 1
         if self.taken == self.size:
             if next(self.samples, None) is not None:
-                raise VloraError(f"{self.url} holds more than the {self.size} samples its manifest.json lists; repack")
+                raise VloraError(f"{remote.redact(self.url)} holds more than the {self.size} samples its manifest.json "
+                                 "lists; repack")
             self.close()
         return sample
 
@@ -326,10 +373,13 @@ class DatasetReader:
     """One reader's endless pass over one data set: epoch after epoch, position = (epoch, emitted)."""
 
     def __init__(self, source: ShardSet, index: int, *, seed: int, rank: int, world_size: int, role: int, workers: int,
-                 open_shards: int, epoch: int = 0, emitted: int = 0):
-        self.source, self.index, self.seed = source, index, seed
+                 open_shards: int, epoch: int = 0, emitted: int = 0, policy: remote.RetryPolicy | None = None):
+        self.source, self.index, self.seed, self.policy = source, index, seed, policy
         self.rank, self.world_size, self.role, self.workers, self.width = rank, world_size, role, workers, open_shards
         self.open: dict[int, ShardReader] = {}
+        # A remote set keeps its next shard opened (its first bytes on the way) before an open one runs out.
+        self.ahead: tuple[int, ShardReader] | None = None
+        self.read_ahead = remote.is_remote(source.folder)
         self._start(epoch)
         if not 0 <= emitted <= self.epoch_len:
             raise VloraError(f"data state for {source.folder} says {emitted} samples into epoch {epoch}, but this "
@@ -354,12 +404,22 @@ class DatasetReader:
         shard, offset, last = self.plan.step()
         reader = self.open.get(shard)
         if reader is None:
-            reader = self.open[shard] = ShardReader(self.source.urls[shard], self.source.sizes[shard], offset)
+            reader = self.open[shard] = self._open(shard, offset)
         sample = reader.next()
         if last:
             del self.open[shard]
         self.emitted += 1
         return sample
+
+    def _open(self, shard: int, offset: int) -> ShardReader:
+        if self.ahead is not None and self.ahead[0] == shard and offset == 0:
+            reader, self.ahead = self.ahead[1], None
+        else:
+            reader = ShardReader(**self.source.shard(shard), offset=offset, policy=self.policy)
+        upcoming = self.plan.upcoming()
+        if self.read_ahead and upcoming is not None and self.ahead is None:
+            self.ahead = (upcoming, ShardReader(**self.source.shard(upcoming), offset=0, policy=self.policy))
+        return reader
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "emitted": self.emitted}
@@ -368,6 +428,9 @@ class DatasetReader:
         for reader in self.open.values():
             reader.close()
         self.open.clear()
+        if self.ahead is not None:
+            self.ahead[1].close()
+            self.ahead = None
 
 
 class Mixer:
@@ -409,8 +472,10 @@ class TrainStream(IterableDataset):
 
     def __init__(self, sources: Sequence[ShardSet], *, rank: int, world_size: int, num_workers: int, seed: int,
                  micro_batch: int, encode: Callable[[dict], dict | None], collate: Callable[[list[dict]], dict],
-                 open_shards: int = OPEN_SHARDS, states: list[dict] | None = None, role_offset: int = 0):
+                 open_shards: int = OPEN_SHARDS, states: list[dict] | None = None, role_offset: int = 0,
+                 policy: remote.RetryPolicy | None = None):
         self.sources, self.rank, self.world_size, self.seed = list(sources), rank, world_size, seed
+        self.policy = policy or remote.RetryPolicy()
         self.workers, self.micro_batch, self.open_shards = max(1, num_workers), micro_batch, open_shards
         self.encode, self.collate = encode, collate
         self.states = states or [fresh_reader_state(len(self.sources)) for _ in range(self.workers)]
@@ -434,7 +499,7 @@ class TrainStream(IterableDataset):
         state = self.states[role]
         readers = [
             DatasetReader(src, d, seed=self.seed, rank=self.rank, world_size=self.world_size, role=role,
-                          workers=self.workers, open_shards=self.open_shards, **state["datasets"][d])
+                          workers=self.workers, open_shards=self.open_shards, policy=self.policy, **state["datasets"][d])
             for d, src in enumerate(self.sources)
         ]
         reader = global_reader(self.rank, self.world_size, role)
@@ -655,7 +720,10 @@ class Loader:
             self.stream.role_offset = self.consumed % self.stream.workers
             self.stream.slabs = Slabs(self._loader.num_workers) if self._loader.num_workers else None
             self._it = iter(self._loader)  # the workers start here, with the stream as it is now
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except VloraError as e:  # from a worker: torch wraps the message in the worker's traceback
+            raise VloraError(worker_error(str(e))) from None
         if self.stream.slabs is not None:
             batch = self.stream.slabs.unpack(batch)
         info = batch.pop("stream")
@@ -680,6 +748,16 @@ class Loader:
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self.stream.slabs = None  # the workers' buffers are unmapped with them
+
+
+def worker_error(text: str) -> str:
+    """The one-line message of a VloraError raised in a DataLoader worker (torch re-raises it with the worker's
+    traceback as its text: "Caught VloraError in DataLoader worker process 0. Original Traceback ... Error: MSG")."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        last = lines[-1]
+        return last.split("VloraError: ", 1)[1] if "VloraError: " in last else last
+    return text
 
 
 def _check_state(state: dict, header: dict, n_sources: int) -> None:
@@ -719,7 +797,8 @@ def _check_state(state: dict, header: dict, n_sources: int) -> None:
 
 
 def train_loader(sources, *, rank: int, world_size: int, num_workers: int, seed: int, micro_batch: int, encode,
-                 collate, state: dict | None = None, open_shards: int = OPEN_SHARDS) -> Loader:
+                 collate, state: dict | None = None, open_shards: int = OPEN_SHARDS,
+                 policy: remote.RetryPolicy | None = None) -> Loader:
     """This rank's endless micro-batches from `sources` ([(dir, weight)], see parse_sources), from `state` if given.
 
     Batches are `collate`'s dicts plus batch["skipped"] (samples `encode` rejected since the previous batch of
@@ -743,16 +822,30 @@ def train_loader(sources, *, rank: int, world_size: int, num_workers: int, seed:
         consumed, states = state["consumed"], state["readers"]
     stream = TrainStream(loaded, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,
                          micro_batch=micro_batch, encode=encode, collate=collate, open_shards=open_shards,
-                         states=states, role_offset=consumed % workers)
+                         states=states, role_offset=consumed % workers, policy=policy)
     return Loader(stream, num_workers=num_workers, consumed=consumed, header=header)
 
 
+def read_samples(shard_dir: str, max_samples: int, policy: remote.RetryPolicy | None = None) -> Iterator[dict]:
+    """The first `max_samples` samples of a shard folder (or URL), in manifest order, as webdataset dicts."""
+    source = ShardSet.load(shard_dir)
+    left = max_samples
+    for index in range(len(source.urls)):
+        if left <= 0 or not source.sizes[index]:
+            continue
+        reader = ShardReader(**source.shard(index), offset=0, policy=policy)
+        try:
+            for _ in range(min(left, source.sizes[index])):
+                yield reader.next()
+                left -= 1
+        finally:
+            reader.close()
+
+
 def heldout_batches(shard_dir: str, *, rank: int, world_size: int, max_samples: int, micro_batch: int,
-                    encode, collate) -> list[dict]:
+                    encode, collate, policy: remote.RetryPolicy | None = None) -> list[dict]:
     """This rank's share of the first `max_samples` held-out samples, as batches (small; kept in memory)."""
-    every_rank_reads_all = wds.WebDataset(
-        shard_paths(shard_dir), shardshuffle=False, nodesplitter=lambda urls: urls, empty_check=False
-    )
-    mine = (s for i, s in enumerate(itertools.islice(every_rank_reads_all, max_samples)) if i % world_size == rank)
+    every_rank_reads_all = read_samples(shard_dir, max_samples, policy)
+    mine = (s for i, s in enumerate(every_rank_reads_all) if i % world_size == rank)
     items = [x for x in map(encode, mine) if x is not None]
     return [collate(items[i : i + micro_batch]) for i in range(0, len(items), micro_batch)]

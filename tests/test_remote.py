@@ -1,0 +1,153 @@
+"""Shards behind URLs (vlora/data/remote.py) without a server: the retry loop on a scripted client, pipe: folders
+(a real subprocess per read), the manifest's sample offsets, URL parsing and redaction."""
+
+import json
+import logging
+import tarfile
+
+import pytest
+
+from vlora.data import remote
+from vlora.data.manifest import read_manifest
+from vlora.data.stream import ShardReader, ShardSet, parse_sources, read_samples
+from vlora.errors import VloraError
+
+FAST = remote.RetryPolicy(retries=3, backoff_s=0.001)
+
+
+def test_every_sample_offset_in_the_manifest_starts_that_sample(demo_shards):
+    """The packer's per-sample offsets: the tar header there is the sample's first file, for every sample."""
+    manifest = read_manifest(demo_shards / "train")
+    for entry in manifest["shards"]:
+        with tarfile.open(demo_shards / "train" / entry["name"]) as tar:
+            firsts, seen = [], set()
+            for info in tar:
+                key = info.name.split(".", 1)[0]
+                if key not in seen:
+                    seen.add(key)
+                    firsts.append((info.offset, key))
+        assert [o for o, _ in firsts] == entry["offsets"] and len(firsts) == entry["samples"] == 32
+
+
+def test_a_shard_opened_at_an_offset_gives_the_samples_from_there(demo_shards):
+    src = ShardSet.load(str(demo_shards / "train"))
+    whole = ShardReader(**src.shard(2), offset=0)
+    keys = [whole.next()["__key__"] for _ in range(src.sizes[2])]
+    for offset in (1, 17, 31):
+        reader = ShardReader(**src.shard(2), offset=offset)
+        assert [reader.next()["__key__"] for _ in range(offset, src.sizes[2])] == keys[offset:]
+
+
+def test_manifest_offsets_that_cannot_be_right_are_refused(demo_shards, tmp_path):
+    import shutil
+
+    folder = tmp_path / "val"
+    shutil.copytree(demo_shards / "val", folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][1]["offsets"][3] = manifest["shards"][1]["offsets"][2]  # not rising
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(VloraError, match=r"manifest.json: shard shard-000001.tar's 'offsets' are not one rising"):
+        read_manifest(folder)
+
+
+def scripted(monkeypatch, script):
+    """The store's client answers range reads from `script`: per call, bytes to return (maybe short) or an
+    exception to raise, as s3fs / gcsfs / fsspec's HTTP client would."""
+    calls = []
+
+    class Client:
+        def cat_file(self, path, start, end):
+            calls.append((start, end))
+            step = script.pop(0)
+            if isinstance(step, BaseException):
+                raise step
+            return step(start, end)
+
+    monkeypatch.setattr(remote, "filesystem", lambda url: (Client(), url))
+    return calls
+
+
+DATA = bytes(range(256)) * 4
+
+
+def test_a_failed_or_short_read_goes_on_from_the_first_missing_byte(monkeypatch, caplog):
+    calls = scripted(monkeypatch, [
+        ConnectionResetError("reset by peer"),
+        lambda s, e: DATA[s:s + 100],  # a body cut short after 100 bytes: kept, the rest asked for
+        OSError("503 Service Unavailable"),
+        lambda s, e: DATA[s:e],
+    ])
+    with caplog.at_level(logging.WARNING, logger="vlora"):
+        got = remote.read_range("s3://bucket/set/shard-000003.tar", 10, 1000, FAST)
+    assert got == DATA[10:1000]
+    assert calls == [(10, 1000), (10, 1000), (110, 1000), (110, 1000)]  # no byte asked for twice once received
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) == 3
+    assert "s3://bucket/set/shard-000003.tar: read at byte 10 failed (ConnectionResetError: reset by peer)" in retries[0]
+    assert "at byte 110 failed (OSError: 503 Service Unavailable); retry 2 of 3" in retries[2]
+
+
+def test_reads_that_keep_failing_stop_the_run_naming_the_shard_and_byte(monkeypatch):
+    scripted(monkeypatch, [TimeoutError("timed out")] * 4)
+    with pytest.raises(VloraError) as e:
+        remote.read_range("https://user:secret@host:8080/data/shard-000001.tar?sig=KEY", 4096, 8192, FAST)
+    msg = str(e.value)
+    assert "\n" not in msg and "https://host:8080/data/shard-000001.tar: read at byte 4096 failed 4 times" in msg
+    assert "secret" not in msg and "KEY" not in msg
+
+
+def test_what_a_retry_cannot_mend_stops_at_once(monkeypatch):
+    calls = scripted(monkeypatch, [FileNotFoundError("s3://b/p/shard-000000.tar")])
+    with pytest.raises(VloraError, match=r"s3://b/p/shard-000000.tar: read at byte 0 failed: FileNotFoundError"):
+        remote.read_range("s3://b/p/shard-000000.tar", 0, 10, FAST)
+    assert len(calls) == 1
+    scripted(monkeypatch, [lambda s, e: DATA])  # 200 with the whole body: the server ignored the range
+    with pytest.raises(VloraError, match=r"asked for 10 bytes, got 1024: the server ignores byte ranges"):
+        remote.read_range("https://h/p/shard-000000.tar", 0, 10, FAST)
+
+
+def test_a_shard_replaced_in_the_store_is_refused(monkeypatch):
+    monkeypatch.setattr(remote, "remote_size", lambda url: 5000)
+    with pytest.raises(VloraError, match=r"s3://b/p/shard-000002.tar has 5000 bytes, its manifest.json says 4096"):
+        remote.open_shard("s3://b/p/shard-000002.tar", 4096, 0, FAST)
+
+
+def test_urls_parse_as_folders_with_weights():
+    assert parse_sources("s3://bucket/set") == [("s3://bucket/set", 1.0)]
+    assert parse_sources("s3://bucket/a:2,https://host:8443/b:0.5,gs://c/d") == [
+        ("s3://bucket/a", 2.0), ("https://host:8443/b", 0.5), ("gs://c/d", 1.0)]
+    assert parse_sources("pipe:aws s3 cp s3://b/p/{name} -:3") == [("pipe:aws s3 cp s3://b/p/{name} -", 3.0)]
+    with pytest.raises(VloraError, match="lists 's3://b/a/' twice"):
+        parse_sources("s3://b/a,s3://b/a/")
+    assert remote.join("s3://b/p/", "manifest.json") == "s3://b/p/manifest.json"
+    assert remote.join("pipe:cat /d/{name}", "shard-000001.tar") == "pipe:cat /d/shard-000001.tar"
+    with pytest.raises(VloraError, match=r"a pipe: folder needs \{name\}"):
+        remote.join("pipe:cat /d/x", "manifest.json")
+    assert remote.redact("https://u:p@h:1/x/y.tar?X-Amz-Signature=s") == "https://h:1/x/y.tar"
+
+
+def flaky_pipe(tmp_path, folder, fail_at: int, failures: int) -> str:
+    """pipe:COMMAND over `folder` whose first `failures` runs for a shard die after `fail_at` bytes (status 1)."""
+    script = tmp_path / "flaky.sh"
+    script.write_text(f"""#!/bin/sh
+f="{folder}/$1"; n="{tmp_path}/runs.$1"
+echo x >> "$n"
+case "$1" in shard-*) if [ "$(wc -l < "$n")" -le {failures} ]; then head -c {fail_at} "$f"; exit 1; fi;; esac
+cat "$f"
+""")
+    script.chmod(0o755)
+    return f"pipe:{script} {{name}}"
+
+
+def test_a_pipe_folder_reads_what_the_folder_holds_and_reruns_a_failed_command(demo_shards, tmp_path, caplog):
+    folder = demo_shards / "val"
+    local = [{k: v for k, v in s.items() if k != "__url__"} for s in read_samples(str(folder), 64)]
+    url = flaky_pipe(tmp_path, folder, fail_at=30000, failures=2)
+    with caplog.at_level(logging.WARNING, logger="vlora"):
+        piped = list(read_samples(url, 64, FAST))
+    assert [{k: v for k, v in s.items() if k != "__url__"} for s in piped] == local and len(local) == 64
+    reruns = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(reruns) == 4  # two failed runs for each of the two shards
+    assert all("exited with status 1 at byte 30" in m or "at byte 30" in m for m in reruns), reruns
+    runs = {p.name: len(p.read_text().split()) for p in tmp_path.glob("runs.*")}
+    assert runs == {"runs.manifest.json": 1, "runs.shard-000000.tar": 3, "runs.shard-000001.tar": 3}
