@@ -151,3 +151,30 @@ def test_a_pipe_folder_reads_what_the_folder_holds_and_reruns_a_failed_command(d
     assert all("exited with status 1 at byte 30" in m or "at byte 30" in m for m in reruns), reruns
     runs = {p.name: len(p.read_text().split()) for p in tmp_path.glob("runs.*")}
     assert runs == {"runs.manifest.json": 1, "runs.shard-000000.tar": 3, "runs.shard-000001.tar": 3}
+
+
+def test_http_statuses_sort_into_retried_and_final(monkeypatch):
+    """What the clients raise: aiohttp's ClientResponseError (.status) and botocore's ClientError (.response)."""
+    import aiohttp
+    from botocore.exceptions import ClientError
+
+    from yarl import URL
+
+    signed = URL("https://h/p/shard-000000.tar?X-Amz-Signature=SECRET")
+
+    def http(status):
+        info = aiohttp.RequestInfo(url=signed, method="GET", headers={}, real_url=signed)
+        return aiohttp.ClientResponseError(info, (), status=status, message="x")
+
+    def s3(status):
+        return ClientError({"Error": {"Code": "X", "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Get")
+
+    for error, final in [(http(403), True), (http(404), True), (http(503), False), (http(500), False),
+                         (s3(403), True), (s3(503), False), (ConnectionResetError("reset"), False)]:
+        calls = scripted(monkeypatch, [error, lambda s, e: DATA[s:e]])
+        if final:
+            with pytest.raises(VloraError, match=r"read at byte 0 failed: .*\(HTTP 40[34]\)") as e:
+                remote.read_range("https://h/p/shard-000000.tar", 0, 10, FAST)
+            assert len(calls) == 1 and "SECRET" not in str(e.value)
+        else:
+            assert remote.read_range("https://h/p/shard-000000.tar", 0, 10, FAST) == DATA[:10] and len(calls) == 2

@@ -187,3 +187,22 @@ def test_pack_into_a_store_uploads_each_shard_and_the_manifest_last(clients, s3_
 
     with pytest.raises(VloraError, match=r"s3://no-such-bucket/x/manifest.json: (size|read) at byte 0 failed: "):
         read_manifest("s3://no-such-bucket/x")  # what a retry cannot mend fails at once, in one line
+
+
+def test_a_store_that_keeps_failing_stops_the_run_in_one_line(clients, s3_server, fault_proxy, tiny_model_dir,
+                                                              demo_shards, tmp_path):
+    """Past data.retries failures in a row, the data worker's error reaches the trainer as one line naming the shard
+    URL and the byte, not as the worker's traceback."""
+    import re
+
+    proxy = fault_proxy(s3_server.endpoint, FaultPlan(status_503=list(range(1, 40)), match="/train/shard-"))
+    train, val, env = stored("s3", demo_shards, s3_server, endpoint=proxy.url)
+    for k, v in env.items():
+        clients.setenv(k, v)
+    with pytest.raises(VloraError) as e:
+        train_in_process(clients, tiny_model_dir, demo_shards, tmp_path, **{
+            **RUN, "data.train": train, "data.val": val, "data.num_workers": 1, "data.retries": 2})
+    msg = str(e.value)
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    assert re.fullmatch(r"s3://vlora-remote/demo/train/shard-0000\d\d\.tar: read at byte \d+ failed 3 times in a row, "
+                        r"last: OSError: .*; the run stops here \(fix the store or raise data.retries, then resume\)", msg)

@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import random
+import re
 import shlex
 import subprocess
 import threading
@@ -86,8 +87,11 @@ class Permanent(Exception):
 
 
 def _one_line(e: BaseException) -> str:
+    """`e` as one log-safe line: its type and first line, URLs in it without user info or query (the clients put the
+    request's URL, a signed one included, into their messages)."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".strip().rstrip(":")
+    line = re.sub(r"https?://[^\s'\"<>]+", lambda m: redact(m.group(0)), text[0] if text else "")
+    return f"{type(e).__name__}: {line}".strip().rstrip(":")
 
 
 # --- clients ----------------------------------------------------------------------------------------
