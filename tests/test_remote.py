@@ -117,6 +117,8 @@ def test_urls_parse_as_folders_with_weights():
     assert parse_sources("s3://bucket/a:2,https://host:8443/b:0.5,gs://c/d") == [
         ("s3://bucket/a", 2.0), ("https://host:8443/b", 0.5), ("gs://c/d", 1.0)]
     assert parse_sources("pipe:aws s3 cp s3://b/p/{name} -:3") == [("pipe:aws s3 cp s3://b/p/{name} -", 3.0)]
+    assert parse_sources("https://host:8080") == [("https://host:8080", 1.0)]  # a port, not a weight
+    assert parse_sources("https://host:8080/set:2") == [("https://host:8080/set", 2.0)]
     with pytest.raises(VloraError, match="lists 's3://b/a/' twice"):
         parse_sources("s3://b/a,s3://b/a/")
     assert remote.join("s3://b/p/", "manifest.json") == "s3://b/p/manifest.json"
@@ -124,6 +126,7 @@ def test_urls_parse_as_folders_with_weights():
     with pytest.raises(VloraError, match=r"a pipe: folder needs \{name\}"):
         remote.join("pipe:cat /d/x", "manifest.json")
     assert remote.redact("https://u:p@h:1/x/y.tar?X-Amz-Signature=s") == "https://h:1/x/y.tar"
+    assert remote.redact("pipe:curl -s 'https://u:p@h/x/shard.tar?sig=s'") == "pipe:curl -s 'https://h/x/shard.tar'"
 
 
 def flaky_pipe(tmp_path, folder, fail_at: int, failures: int) -> str:
@@ -148,7 +151,7 @@ def test_a_pipe_folder_reads_what_the_folder_holds_and_reruns_a_failed_command(d
     assert [{k: v for k, v in s.items() if k != "__url__"} for s in piped] == local and len(local) == 64
     reruns = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
     assert len(reruns) == 4  # two failed runs for each of the two shards
-    assert all("exited with status 1 at byte 30" in m or "at byte 30" in m for m in reruns), reruns
+    assert all("the command exited with status 1 at byte 30000" in m for m in reruns), reruns
     runs = {p.name: len(p.read_text().split()) for p in tmp_path.glob("runs.*")}
     assert runs == {"runs.manifest.json": 1, "runs.shard-000000.tar": 3, "runs.shard-000001.tar": 3}
 
@@ -178,3 +181,54 @@ def test_http_statuses_sort_into_retried_and_final(monkeypatch):
             assert len(calls) == 1 and "SECRET" not in str(e.value)
         else:
             assert remote.read_range("https://h/p/shard-000000.tar", 0, 10, FAST) == DATA[:10] and len(calls) == 2
+
+
+def test_a_pipe_command_that_writes_much_to_stderr_does_not_hang(tmp_path):
+    """stderr goes to a file: 1 MB of it (a progress meter) cannot fill a pipe and block the command."""
+    data = bytes(range(256)) * 400
+    (tmp_path / "f.bin").write_bytes(data)
+    url = f"pipe:head -c 1000000 /dev/zero >&2; cat {tmp_path}/{{name}}"
+    f = remote.open_shard(remote.join(url, "f.bin"), len(data), 1000, FAST)
+    try:
+        assert f.read() == data[1000:]
+    finally:
+        f.close()
+
+
+def test_closing_a_shard_abandons_a_read_that_is_retrying(monkeypatch):
+    """A read in flight for a closed file stops at its next wait instead of retrying on (and holding the exit)."""
+    import threading
+    import time
+
+    monkeypatch.setattr(remote, "remote_size", lambda url: 100)
+    failing = threading.Event()
+
+    class Client:
+        def cat_file(self, path, start, end):
+            failing.set()
+            raise ConnectionResetError("reset")
+
+    monkeypatch.setattr(remote, "filesystem", lambda url: (Client(), url))
+    slow = remote.RetryPolicy(retries=8, backoff_s=5.0)
+    f = remote.RangeFile("s3://b/p/shard-000000.tar", 100, 0, slow)
+    assert failing.wait(5)
+    started = time.monotonic()
+    f.close()
+    f.pool.shutdown(wait=True)  # the reading thread ends: its 5 s wait was cut short
+    assert time.monotonic() - started < 2
+
+
+def test_a_local_shard_whose_offsets_are_wrong_fails_in_one_line(demo_shards, tmp_path):
+    import shutil
+
+    folder = tmp_path / "val"
+    shutil.copytree(demo_shards / "val", folder)
+    src = ShardSet.load(str(folder))
+    shard = src.shard(0)
+    wrong = list(shard["starts"])
+    wrong[5] = wrong[5] + 512  # inside the sample: a block of image bytes, not a tar header
+    reader = ShardReader(**{**shard, "starts": wrong}, offset=5)
+    with pytest.raises(VloraError) as e:
+        for _ in range(3):
+            reader.next()
+    assert "\n" not in str(e.value) and "shard-000000.tar: not a readable tar from sample 5" in str(e.value)

@@ -185,6 +185,13 @@ def test_pack_into_a_store_uploads_each_shard_and_the_manifest_last(clients, s3_
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/packed/val")) == [
         "manifest.json", "rejects.jsonl", "shard-000000.tar"]
 
+    with pytest.raises(VloraError, match="annotation file not found"):
+        pack(demo_src / "no-such.jsonl", url)  # a pack that fails on its input leaves the set there whole
+    assert [s["samples"] for s in read_manifest(url)["shards"]] == [64]
+    fs.pipe_file(f"{BUCKET}/packed/other/notes.txt", b"mine")
+    with pytest.raises(VloraError, match=r"s3://vlora-remote/packed/other: holds 1 file\(s\) that no shard folder has"):
+        pack(demo_src / "val.jsonl", f"s3://{BUCKET}/packed/other")
+
     with pytest.raises(VloraError, match=r"s3://no-such-bucket/x/manifest.json: (size|read) at byte 0 failed: "):
         read_manifest("s3://no-such-bucket/x")  # what a retry cannot mend fails at once, in one line
 

@@ -31,13 +31,15 @@ def _is_shard_entry(s) -> bool:
 
 
 def _offsets_ok(s: dict) -> bool:
-    """An entry's optional per-sample byte offsets: one per sample, rising, inside the shard."""
+    """An entry's optional per-sample byte offsets: one per sample, from 0, rising, on tar's 512-byte blocks, inside
+    the shard."""
     offsets = s.get("offsets")
     if offsets is None:
         return True
     return (isinstance(offsets, list) and len(offsets) == s["samples"] and isinstance(s.get("bytes"), int)
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            and all(0 <= a < b for a, b in zip(offsets, offsets[1:])) and (not offsets or offsets[-1] < s["bytes"]))
+            and all(isinstance(o, int) and not isinstance(o, bool) and o % 512 == 0 for o in offsets)
+            and (not offsets or offsets[0] == 0) and all(a < b for a, b in zip(offsets, offsets[1:]))
+            and (not offsets or offsets[-1] < s["bytes"]))
 
 
 def parse_manifest(text: bytes | str, where: str) -> dict:

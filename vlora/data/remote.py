@@ -29,6 +29,7 @@ import random
 import re
 import shlex
 import subprocess
+import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,7 +60,10 @@ def join(folder: str, name: str) -> str:
 
 
 def redact(url: str) -> str:
-    """`url` fit for a log line: no user:password@ and no ?query (signed URLs carry their key there)."""
+    """`url` fit for a log line: no user:password@ and no ?query (signed URLs carry their key there); in a pipe:
+    command, the URLs in it likewise (the rest of a command is logged as written: keep secrets in the environment)."""
+    if url.startswith(PIPE):
+        return re.sub(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+", lambda m: redact(m.group(0)), url)
     if not url.startswith(SCHEMES):
         return url
     parts = urlsplit(url)
@@ -174,15 +178,27 @@ def remote_size(url: str) -> int:
         raise _classify(e) from None
 
 
-def _after_failure(what: str, url: str, offset: int, error: str, failures: int, policy: RetryPolicy) -> None:
-    """The `failures`-th failure in a row of `what` at `offset`: log it and wait, or stop the run past the limit."""
+class Closed(Exception):
+    """The file a read was for was closed meanwhile: the read is abandoned."""
+
+
+def _after_failure(what: str, url: str, offset: int, error: str, failures: int, policy: RetryPolicy,
+                   stop: threading.Event | None = None) -> None:
+    """The `failures`-th failure in a row of `what` at `offset`: log it and wait, or stop the run past the limit.
+    A set `stop` (the file was closed) ends the wait and the read at once."""
     if failures > policy.retries:
         raise VloraError(f"{redact(url)}: {what} at byte {offset} failed {failures} times in a row, last: {error}; "
                          "the run stops here (fix the store or raise data.retries, then resume)")
+    if stop is not None and stop.is_set():
+        raise Closed()
     delay = policy.wait(failures - 1)
     log.warning("%s: %s at byte %d failed (%s); retry %d of %d in %.1f s", redact(url), what, offset, error,
                 failures, policy.retries, delay)
-    time.sleep(delay)
+    if stop is not None:
+        if stop.wait(delay):
+            raise Closed()
+    else:
+        time.sleep(delay)
 
 
 def with_retries(what: str, url: str, offset: int, policy: RetryPolicy, call):
@@ -207,18 +223,23 @@ class ShortRead(Exception):
     pass
 
 
-def read_range(url: str, start: int, end: int, policy: RetryPolicy) -> bytes:
+def read_range(url: str, start: int, end: int, policy: RetryPolicy, stop: threading.Event | None = None) -> bytes:
     """Bytes [start, end) of `url`. A failed request is asked again from the first byte not yet received; a body
-    cut short keeps what it brought (and, having brought something, starts the count of failures afresh)."""
-    parts, pos, failures = [], start, 0
+    cut short keeps what it brought (and, having brought something, starts the count of failures in a row afresh;
+    a range that fails more than 4 x policy.retries times in all stops all the same)."""
+    parts, pos, failures, total = [], start, 0, 0
     while pos < end:
+        if total > 4 * policy.retries:
+            failures = policy.retries  # the next failure is past the limit
         try:
             data = _fetch_range(url, pos, end)
         except Permanent as e:
             raise VloraError(f"{redact(url)}: read at byte {pos} failed: {e}") from None
+        except VloraError:
+            raise
         except Exception as e:  # noqa: BLE001 - the client's exception types differ by store
-            failures += 1
-            _after_failure("read", url, pos, _one_line(e), failures, policy)
+            failures, total = failures + 1, total + 1
+            _after_failure("read", url, pos, _one_line(e), failures, policy, stop)
             continue
         if len(data) > end - pos:
             raise VloraError(f"{redact(url)}: read at byte {pos} failed: asked for {end - pos} bytes, got {len(data)}: "
@@ -227,9 +248,9 @@ def read_range(url: str, start: int, end: int, policy: RetryPolicy) -> bytes:
             parts.append(data)
             pos, failures = pos + len(data), 0
         if pos < end:
-            failures += 1
+            failures, total = failures + 1, total + 1
             _after_failure("read", url, pos, f"the body ended after {len(data)} of {end - pos + len(data)} bytes",
-                           failures, policy)
+                           failures, policy, stop)
     return b"".join(parts)
 
 
@@ -261,6 +282,7 @@ class RangeFile(io.RawIOBase):
         self.buf, self.buf_pos = b"", 0
         self.next_start = start
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="vlora-shard")
+        self.stop = threading.Event()  # set by close(): a read in flight gives up instead of retrying on
         self.ahead: Future | None = self._ask()
 
     def _ask(self) -> Future | None:
@@ -268,7 +290,7 @@ class RangeFile(io.RawIOBase):
             return None
         start, end = self.next_start, min(self.size, self.next_start + self.chunk)
         self.next_start = end
-        return self.pool.submit(read_range, self.url, start, end, self.policy)
+        return self.pool.submit(read_range, self.url, start, end, self.policy, self.stop)
 
     def readable(self) -> bool:
         return True
@@ -287,6 +309,7 @@ class RangeFile(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
+            self.stop.set()
             if self.ahead is not None:
                 self.ahead.cancel()
             self.pool.shutdown(wait=False)
@@ -304,26 +327,31 @@ class PipeFile(io.RawIOBase):
 
     def _start(self) -> None:
         self._stop()
-        self.proc = subprocess.Popen(self.command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # stderr to a file, not a pipe: a pipe nobody reads fills (curl's progress meter) and the command blocks
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.command, shell=True, stdout=subprocess.PIPE, stderr=self.err)
         skip = self.pos
         while skip:  # a pipe cannot seek: read and drop what comes before the position
             got = self.proc.stdout.read(min(skip, 1 << 20))
             if not got:
-                raise self._failed()
+                error = self._failed()
+                self._stop()
+                raise error
             skip -= len(got)
 
     def _failed(self) -> Exception:
-        code = self.proc.wait() if self.proc else None
-        err = (self.proc.stderr.read().decode(errors="replace").strip().splitlines() or [""])[-1] if self.proc else ""
+        code = self.proc.wait()
+        self.err.seek(0)
+        err = (self.err.read()[-4096:].decode(errors="replace").strip().splitlines() or [""])[-1]
         ended = "ended" if code == 0 else f"exited with status {code}"
-        return ShortRead(f"the command {ended} at byte {self.pos}" + (f" ({err})" if err else ""))
+        return ShortRead(f"the command {ended} at byte {self.pos}" + (f" ({redact(err)})" if err else ""))
 
     def _stop(self) -> None:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
-            for f in (self.proc.stdout, self.proc.stderr):
-                f.close()
+            self.proc.stdout.close()
+            self.err.close()
             self.proc = None
 
     def readable(self) -> bool:
@@ -366,8 +394,9 @@ def open_shard(url: str, size: int, start: int, policy: RetryPolicy) -> io.Buffe
 
 class Uploader:
     """Puts a shard folder into an s3:// or gs:// prefix: each shard as soon as it is finished, manifest.json
-    last, so the prefix is a shard set only once it is complete. An earlier set there stops being one first (its
-    manifest goes before any of its shards is replaced); its shards that the new set does not have go at the end."""
+    last, so the prefix is a shard set only once it is complete. An earlier set there stays whole until the first
+    new shard is ready (a pack that fails on its input leaves it untouched), then stops being one (its manifest
+    goes before any of its shards is replaced); its files that the new set does not have go at the end."""
 
     def __init__(self, url: str, policy: RetryPolicy = RetryPolicy()):
         if not url.startswith(("s3://", "gs://")):
@@ -376,13 +405,11 @@ class Uploader:
         self.url, self.policy = url.rstrip("/"), policy
         self.fs, self.path = filesystem(self.url)
         names = with_retries("listing", self.url, 0, policy, self._names)
-        if names and "manifest.json" not in names:
-            raise VloraError(f"{redact(self.url)}: holds {len(names)} file(s) and no manifest.json, so it is not a shard "
-                             "folder; choose another prefix or empty it")
+        foreign = sorted(n for n in names if not re.fullmatch(r"manifest\.json|rejects\.jsonl|shard-\d+\.tar", n))
+        if foreign:  # a set's own files, or what a pack that failed half-way left, may be replaced; nothing else
+            raise VloraError(f"{redact(self.url)}: holds {len(foreign)} file(s) that no shard folder has (e.g. "
+                             f"{foreign[0]}); choose another prefix or empty it")
         self.old = names
-        if "manifest.json" in names:
-            with_retries("delete", f"{self.url}/manifest.json", 0, policy,
-                         lambda: self.fs.rm_file(f"{self.path}/manifest.json"))
         self.put_names: list[str] = []
 
     def _names(self) -> set[str]:
@@ -392,7 +419,11 @@ class Uploader:
             return set()
 
     def put(self, local) -> None:
-        """Upload one finished file of the folder (retried as reads are)."""
+        """Upload one finished file of the folder (retried as reads are). The first one takes the old set's
+        manifest away first: from then on the prefix is no shard set until the new manifest is there."""
+        if "manifest.json" in self.old and not self.put_names:
+            with_retries("delete", f"{self.url}/manifest.json", 0, self.policy,
+                         lambda: self.fs.rm_file(f"{self.path}/manifest.json"))
         name = os.path.basename(str(local))
         target = f"{self.url}/{name}"
         with_retries("upload", target, 0, self.policy, lambda: self.fs.put_file(str(local), f"{self.path}/{name}"))

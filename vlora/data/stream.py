@@ -112,7 +112,8 @@ def parse_sources(spec) -> list[tuple[str, float]]:
         elif isinstance(entry, str):
             entry = entry.strip()
             folder, sep, tail = entry.rpartition(":")
-            if not sep or (remote.is_remote(entry) and not re.fullmatch(r"\s*[0-9.eE+-]+\s*", tail)):
+            if not sep or (remote.is_remote(entry) and (not re.fullmatch(r"\s*[0-9.eE+-]+\s*", tail)
+                                                        or re.fullmatch(r"https?://[^/]*", folder))):
                 folder, weight = entry, 1.0  # a URL's own colons (s3://, host:port, pipe:) are not a weight
             else:
                 weight = _weight(tail.strip(), entry)
@@ -173,7 +174,7 @@ class ShardSet:
                 "starts": self.offsets[index] if self.offsets else None}
 
     def fingerprint(self) -> dict:
-        return {"folder": self.folder, "shards": len(self.sizes), "samples": sum(self.sizes), "weight": self.weight,
+        return {"folder": remote.redact(self.folder), "shards": len(self.sizes), "samples": sum(self.sizes), "weight": self.weight,
                 "content": self.content}
 
 
@@ -218,7 +219,7 @@ def warn_if_unbalanced(source: ShardSet, dataset: int, *, seed: int, world_size:
         return None
     readers = world_size * workers
     often = f"up to {hi / lo:.2f}x as often" if lo else "far more often"
-    msg = (f"{source.folder}: its {len(source.sizes)} shard(s) give the {readers} readers ({world_size} rank(s) x {workers} "
+    msg = (f"{remote.redact(source.folder)}: its {len(source.sizes)} shard(s) give the {readers} readers ({world_size} rank(s) x {workers} "
            f"worker(s)) uneven epochs, {lo} to {hi} samples each; readers are pulled at the same rate, so samples of "
            f"the smaller shares are seen {often}. Repack with `vlora pack --shard-size N` so that the shards are many "
            f"(several per reader) and even")
@@ -343,7 +344,11 @@ class ShardReader:
                 self._next()
 
     def _next(self) -> dict:
-        sample = next(self.samples, None)
+        try:
+            sample = next(self.samples, None)
+        except tarfile.TarError as e:
+            raise VloraError(f"{remote.redact(self.url)}: not a readable tar from sample {self.taken} on ({e}); the "
+                             "shard or its manifest.json's offsets changed: repack this shard folder") from None
         if sample is None:
             raise VloraError(f"{remote.redact(self.url)} ends early: its manifest.json lists {self.size} samples; repack "
                              "this shard folder")
@@ -388,9 +393,12 @@ class DatasetReader:
             self.plan.step()
         self.emitted = emitted
 
+    def _epoch_shards(self, epoch: int) -> list[int]:
+        return reader_shards(len(self.source.sizes), seed=self.seed, dataset=self.index, epoch=epoch, rank=self.rank,
+                             world_size=self.world_size, role=self.role, workers=self.workers)
+
     def _start(self, epoch: int) -> None:
-        shards = reader_shards(len(self.source.sizes), seed=self.seed, dataset=self.index, epoch=epoch, rank=self.rank,
-                               world_size=self.world_size, role=self.role, workers=self.workers)
+        shards = self._epoch_shards(epoch)
         reader = global_reader(self.rank, self.world_size, self.role)
         rng = random.Random(f"vlora-stream/{self.seed}/{self.index}/{epoch}/{reader}")
         self.epoch, self.epoch_len = epoch, sum(self.source.sizes[s] for s in shards)
@@ -398,7 +406,7 @@ class DatasetReader:
 
     def next(self) -> dict:
         while self.emitted == self.epoch_len:  # a share of only empty shards gives an empty epoch
-            self.close()
+            self._close_open()  # all read; a shard opened ahead for the next epoch stays
             self._start(self.epoch + 1)
             self.emitted = 0
         shard, offset, last = self.plan.step()
@@ -416,18 +424,25 @@ class DatasetReader:
             reader, self.ahead = self.ahead[1], None
         else:
             reader = ShardReader(**self.source.shard(shard), offset=offset, policy=self.policy)
-        upcoming = self.plan.upcoming()
-        if self.read_ahead and upcoming is not None and self.ahead is None:
-            self.ahead = (upcoming, ShardReader(**self.source.shard(upcoming), offset=0, policy=self.policy))
+        if self.read_ahead and self.ahead is None:
+            upcoming = self.plan.upcoming()
+            if upcoming is None:  # the epoch's last shards are open: the next epoch's first one is the next to come
+                order = self._epoch_shards(self.epoch + 1)
+                upcoming = next((s for s in order if self.source.sizes[s] > 0), None)
+            if upcoming is not None:
+                self.ahead = (upcoming, ShardReader(**self.source.shard(upcoming), offset=0, policy=self.policy))
         return reader
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "emitted": self.emitted}
 
-    def close(self) -> None:
+    def _close_open(self) -> None:
         for reader in self.open.values():
             reader.close()
         self.open.clear()
+
+    def close(self) -> None:
+        self._close_open()
         if self.ahead is not None:
             self.ahead[1].close()
             self.ahead = None
