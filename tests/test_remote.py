@@ -232,3 +232,13 @@ def test_a_local_shard_whose_offsets_are_wrong_fails_in_one_line(demo_shards, tm
         for _ in range(3):
             reader.next()
     assert "\n" not in str(e.value) and "shard-000000.tar: not a readable tar from sample 5" in str(e.value)
+
+
+def test_a_pipe_that_writes_more_than_the_manifest_says_is_refused(tmp_path):
+    (tmp_path / "f.bin").write_bytes(b"x" * 5000)
+    f = remote.open_shard(remote.join(f"pipe:cat {tmp_path}/{{name}}", "f.bin"), 4096, 0, FAST)
+    try:
+        with pytest.raises(VloraError, match=r"f.bin: the command writes more than the 4096 bytes its manifest.json"):
+            f.read()
+    finally:
+        f.close()

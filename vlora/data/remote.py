@@ -359,12 +359,17 @@ class PipeFile(io.RawIOBase):
 
     def readinto(self, b) -> int:
         if self.size is not None and self.pos >= self.size:
+            if self.proc is not None and self.proc.stdout.read(1):
+                raise VloraError(f"{redact(self.url)}: the command writes more than the {self.size} bytes its "
+                                 "manifest.json lists: the shard was replaced in the store; restore it or repack")
             return 0
+
+        view = memoryview(b)[: self.size - self.pos] if self.size is not None else b  # never past the shard's end
 
         def once() -> int:
             if self.proc is None:
                 self._start()
-            n = self.proc.stdout.readinto(b)
+            n = self.proc.stdout.readinto(view)
             if n:
                 return n
             if self.size is None and self.proc.wait() == 0:
