@@ -41,6 +41,7 @@ from vlora.preflight import preflight
 # What a pre-empted run exits with, as a process killed by SIGTERM would (128 + 15): not done, not failed.
 # Under torchrun, launch/slurm.sbatch goes by runs/NAME/PREEMPTED instead (torchrun reports its own status).
 EXIT_PREEMPTED = 143
+CONFIG_ERROR_GRACE_S = 10.0  # how long a rank other than 0 waits before it reports a config error itself
 
 
 class Preempted(Exception):
@@ -528,11 +529,15 @@ def main(argv: list[str] | None = None) -> int:
     except VloraError as e:
         rank = int(os.environ.get("RANK", "0"))
         # Config errors are the same on every rank: one line, from rank 0. Later ones may differ per rank.
-        if rank == 0 or started:
-            tag = f"[rank {rank}] " if started and world_size_from_env() > 1 else ""
-            # One write with its newline: ranks share the log, and a line must not be split by another's.
-            sys.stderr.write(f"vlora: error: {tag}{e}\n")
-            sys.stderr.flush()
+        # Another rank waits before it exits: torchrun stops the others as soon as one exits, and a rank that
+        # exited at once could have rank 0 stopped before it said why. Rank 0 failing alike ends the wait (torchrun
+        # stops this rank); past it, rank 0 did not fail alike (node-local files), and this rank says its own.
+        if not started and rank != 0:
+            time.sleep(CONFIG_ERROR_GRACE_S)
+        tag = f"[rank {rank}] " if world_size_from_env() > 1 and (started or rank != 0) else ""
+        # One write with its newline: ranks share the log, and a line must not be split by another's.
+        sys.stderr.write(f"vlora: error: {tag}{e}\n")
+        sys.stderr.flush()
         return 2
     finally:
         cleanup()
