@@ -14,6 +14,7 @@ Per-step losses of ZeRO-2/3 equal DDP's to a relative 1e-5 (the engines sum grad
 orders; measured differences are ~1e-7). Resume is bit-exact.
 """
 
+import contextlib
 import json
 import math
 import re
@@ -596,3 +597,181 @@ def test_zero3_generates_in_lockstep_and_scores_as_ddp(runs):
         scores[name] = {r["step"]: r["val_exact_match"] for r in records if "val_exact_match" in r}
     assert sorted(scores["ddp"]) == [0, STEPS] and all(0 <= v <= 100 for v in scores["ddp"].values())
     assert scores["zero3"] == scores["ddp"]
+
+
+# ---- elastic resume: vlora's own copy of the trained state, loaded on another number of processes ----
+
+
+def deepspeed_consolidated(folder: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """DeepSpeed's own checkpoint files (deepspeed/) consolidated by its zero_to_fp32: {NAME: fp32 master weight,
+    NAME.exp_avg, NAME.exp_avg_sq}. The moments: the same code run on a copy whose flat fp32 partitions are
+    replaced by the AdamW moments' partitions (the same layout)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from vlora.engine import MOMENTS
+
+    out = dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG))
+    for key in MOMENTS:
+        copy = tmp_path / key
+        shutil.copytree(folder / DS_TAG, copy / DS_TAG)
+        for path in (copy / DS_TAG).glob("*_optim_states.pt"):
+            ds = torch.load(path, weights_only=False)  # DeepSpeed's pickle, written by this module's own run
+            outer = ds["optimizer_state_dict"]
+            if "fp32_flat_groups" in outer:  # ZeRO-3: the torch optimizer's state per sub-group
+                states, flat_key = outer["optimizer_state_dict"]["state"], "fp32_flat_groups"
+            else:  # ZeRO-1/2: per parameter group
+                states, flat_key = outer["base_optimizer_state"]["state"], "single_partition_of_fp32_groups"
+            assert len(states) == len(outer[flat_key])
+            outer[flat_key] = [states[i][key] for i in range(len(states))]
+            torch.save(ds, path)
+        out.update((f"{name}.{key}", t) for name, t in
+                   get_fp32_state_dict_from_zero_checkpoint(str(copy), tag=DS_TAG).items())
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_zero_checkpoint_holds_vlora_trained_state_equal_to_deepspeeds(runs, engine, tmp_path):
+    """Beside DeepSpeed's files, each of the 2 ranks wrote its share of the trained state (rank r: tensors r, r+2,
+    ...): the fp32 master weights and AdamW moments, whole, equal bit for bit to what DeepSpeed's own files hold
+    (consolidated by its zero_to_fp32), and AdamW's step (2: no step was skipped)."""
+    from safetensors import safe_open
+
+    from vlora.engine import TRAINED_STATE_KEY, read_trained_state, trained_state_file
+
+    folder = runs(engine)[0] / "step_00000002"
+    state, names = read_trained_state(folder, 2)
+    theirs = deepspeed_consolidated(folder, tmp_path)
+    assert int(state["step"]) == 2 and len(names) == 32
+    assert sorted(k for k in state if k != "step") == sorted(theirs)
+    for key, value in theirs.items():
+        assert state[key].dtype == torch.float32 and torch.equal(state[key], value), key
+    assert all(state[f"{n}.exp_avg_sq"].abs().max() > 0 for n in names)  # moments of two real steps
+    for rank in (0, 1):
+        with safe_open(str(trained_state_file(folder, rank)), framework="pt") as f:
+            meta = json.loads(f.metadata()[TRAINED_STATE_KEY])
+            assert sorted(f.keys()) == sorted(f"{n}{s}" for n in names[rank::2]
+                                              for s in ("", ".exp_avg", ".exp_avg_sq"))
+        assert meta == {"step": 2, "count": 32, "names": names[rank::2], "rank": rank, "world_size": 2}
+    assert "loss_scaler" not in json.loads((folder / "train_state.json").read_text())  # fp32: no loss scaling
+
+
+@contextlib.contextmanager
+def run_of_one(monkeypatch, tmp_path: Path, source: Path):
+    """The run of `source`'s config (its run folder) built in this process as a world of one, nothing resumed:
+    what a resume builds before it loads a checkpoint into the engine."""
+    from vlora.distributed import cleanup
+    from vlora.preflight import preflight
+    from vlora.train import build
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(source / "config.yaml", [f"run.out_dir={tmp_path}", "run.name=one", "run.resume=",
+                                               "data.val=", "data.num_workers=0", "run.trace_keys=false"])
+    try:
+        with contextlib.ExitStack() as resources:
+            yield build(cfg, preflight(cfg), resources)
+    finally:
+        cleanup()  # the group of one (with the engine's close, DeepSpeed forgets its groups: the next build works)
+
+
+def one_step(run) -> None:
+    from vlora.train import step_counts, train_step
+
+    micro_batches = [next(run.batches) for _ in range(run.plan.grad_accum)]
+    result, _ = train_step(run, micro_batches, step_counts(run, micro_batches).supervised)
+    assert result.applied
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_zero_checkpoint_of_2_ranks_loads_exactly_on_1(runs, engine, monkeypatch, tmp_path):
+    """The step-2 checkpoint of 2 ranks into a world of one (engine.load with the checkpoint's train_state): the
+    engine then holds exactly the checkpoint's masters, moments and AdamW step (trained_state(), bit for bit), the
+    model's own weights (what forward uses; ZeRO-3: gathered) are the masters, and AdamW goes on from step 2. A
+    checkpoint without vlora's files (an older vlora) is refused in one line before anything is touched."""
+    from vlora.engine import read_trained_state, trained_state_file
+
+    folder = runs(engine)[0] / "step_00000002"
+    shared = json.loads((folder / "train_state.json").read_text())
+    saved, names = read_trained_state(folder, 2)
+    older = tmp_path / "older"
+    shutil.copytree(folder, older)
+    trained_state_file(older, 1).unlink()
+    with run_of_one(monkeypatch, tmp_path, runs(engine)[0]) as run:
+        assert run.world.size == 1 and run.engine.name == f"deepspeed-{engine}"
+        with pytest.raises(VloraError) as err:
+            run.engine.load(older, shared)
+        assert str(err.value) == (f"checkpoint {older} has no trained_state.rank00001.safetensors (written by a vlora "
+                                  "without elastic resume): it can only resume on 2 processes, the number that "
+                                  "wrote it")
+        run.engine.load(folder, shared)
+        held = run.engine.trained_state()
+        assert sorted(held) == sorted(saved)
+        for key, value in saved.items():
+            assert held[key].dtype == value.dtype and torch.equal(held[key], value), key
+        with run.engine.full_weights():
+            model = dict(run.loss_model.named_parameters())
+            assert all(torch.equal(model[n].detach(), saved[n]) for n in names)
+        one_step(run)  # AdamW's own update on the loaded state: step 3, every tensor moves
+        after = run.engine.trained_state()
+        assert int(after["step"]) == 3
+        assert all(not torch.equal(after[k], saved[k]) for k in saved if k != "step")
+        # Saved by a world of one: one file, which holds what the engine holds.
+        run.engine.save(tmp_path)
+        written, _ = read_trained_state(tmp_path, 1)
+        assert all(torch.equal(written[k], after[k]) for k in after)
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_of_2_ranks_merges_on_1_and_a_missing_shard_is_refused(runs, monkeypatch, tmp_path):
+    """DDP's optimizer state is sharded by parameter index over the ranks that wrote it: on one process both
+    shards merge, and AdamW holds every parameter's moments and step of the checkpoint. A missing shard, or
+    shards taken for another world size (train_state's world_size 1 on 2 shards), is refused in one line."""
+    folder = runs("ddp")[0] / "step_00000002"
+    shared = json.loads((folder / "train_state.json").read_text())
+    shards = [torch.load(folder / f"optimizer.rank0000{r}.pt", weights_only=True)["state"] for r in (0, 1)]
+    assert sorted(shards[0]) == list(range(0, 32, 2)) and sorted(shards[1]) == list(range(1, 32, 2))
+    missing = tmp_path / "missing"
+    shutil.copytree(folder, missing)
+    (missing / "optimizer.rank00001.pt").unlink()
+    with run_of_one(monkeypatch, tmp_path, runs("ddp")[0]) as run:
+        with pytest.raises(VloraError, match=re.escape(f"checkpoint file {missing / 'optimizer.rank00001.pt'} is "
+                                                       "missing")):
+            run.engine.load(missing, shared)
+        with pytest.raises(VloraError) as err:
+            run.engine.load(folder, {**shared, "world_size": 1})
+        assert str(err.value).startswith(f"checkpoint {folder}: its 1 optimizer.rank*.pt shards hold the state of "
+                                         "other parameters than were saved (parameter 1;")
+        run.engine.load(folder, shared)
+        held = run.engine.trained_state()
+        assert int(held["step"]) == 2 and len(held) == 1 + 3 * 32
+        # The shards number the parameters as the optimizer orders them (by group), not by name.
+        name_of = {id(p): n for n, p in zip(run.engine.trained_names, run.engine.params)}
+        ordered = [name_of[id(p)] for group in run.optimizer.param_groups for p in group["params"]]
+        for i, name in enumerate(ordered):
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(held[f"{name}.{key}"], shards[i % 2][i][key]), (name, key)
+
+
+def test_fp16_loss_scale_is_recorded_for_a_resume_on_another_world_size():
+    """DeepSpeed keeps fp16's dynamic loss scale in its own files only, which a resume on another number of
+    processes does not read: save() records it in train_state.json (numbers, JSON); fp32 and bf16 record nothing."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+
+    from vlora.optim import Precision
+
+    scaler = CreateLossScaler(dtype=torch.half, static_loss_scale=0, dynamic_scaling=True, dynamic_loss_args={
+        "init_scale": 2.0**16, "scale_window": 1000, "min_scale": 1, "delayed_shift": 2,
+        "consecutive_hysteresis": False})
+    # Where a run would be after overflows (update_scale itself needs DeepSpeed's process group).
+    scaler.cur_scale, scaler.cur_iter, scaler.last_overflow_iter, scaler.cur_hysteresis = 2.0**14, 7, 5, 1
+    engine = DeepSpeedEngine.__new__(DeepSpeedEngine)  # only .ds and .precision are used
+    engine.ds = SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=scaler))
+    engine.precision = Precision("fp16", "cpu")
+    recorded = json.loads(json.dumps(engine._loss_scaler_state()))
+    assert recorded == {"cur_scale": 2.0**14, "cur_iter": 7, "last_overflow_iter": 5, "cur_hysteresis": 1}
+    engine.precision = Precision("bf16", "cpu")
+    assert engine._loss_scaler_state() == {}

@@ -130,7 +130,8 @@ def test_a_run_preempted_mid_shard_resumes_from_the_store_without_asking_for_ear
     source = ShardSet.load(str(demo_shards / "train"))
     reader = DatasetReader(source, 0, seed=0, rank=0, world_size=1, role=0, workers=1, open_shards=2,
                            **position["datasets"][0])
-    resumed_at = {source.urls[shard].rsplit("/", 1)[1]: taken for shard, taken in reader.plan.slots}
+    resumed_at = {source.urls[reader.plan.pieces[piece][0]].rsplit("/", 1)[1]: taken
+                  for piece, taken in reader.plan.slots}
     assert any(taken > 0 for taken in resumed_at.values())
     offsets = {s["name"]: s["offsets"] for s in read_manifest(demo_shards / "train")["shards"]}
     asked = [(line["uri"].rsplit("/", 1)[1], int(line["range"].split("=")[1].split("-")[0]))
@@ -149,7 +150,8 @@ def test_the_next_shard_is_on_its_way_before_the_open_one_ends(clients, http_ser
     reader = DatasetReader(source, 0, seed=0, rank=0, world_size=1, role=0, workers=1, open_shards=1)
     try:
         reader.next()  # one sample of the first shard: 31 more to go before it ends
-        names = {source.urls[s].rsplit("/", 1)[1] for s in (reader.plan.slots[0][0], reader.plan.upcoming())}
+        shards = (reader.plan.pieces[reader.plan.slots[0][0]][0], reader.plan.upcoming()[0])
+        names = {source.urls[s].rsplit("/", 1)[1] for s in shards}
         gets = [line for line in http_server.wait_log(seen + 4)[seen:] if line["method"] == "GET"]
         assert {line["uri"].rsplit("/", 1)[1] for line in gets} == names and len(names) == 2
         assert all(line["range"].startswith("bytes=0-") and line["status"] == 206 for line in gets)

@@ -824,3 +824,126 @@ def test_a_64_mib_dev_shm_as_docker_gives_it(train_dir, tmp_path):
     (plain, mapped), (plain_small, mapped_small) = [map(int, line.split()) for line in run.stdout.splitlines()]
     assert (plain, mapped, plain_small) == (12, 0, 0) and mapped_small >= 2, run.stdout
     assert run.stderr.count("has no room") == 1, run.stderr[-3000:]
+
+
+# --- elastic resume: other ranks or workers -------------------------------------------------------
+
+
+def _pre_empt(sources, encode, *, world, workers, batches, mb=4, states=None):
+    """Every rank of a (world x workers) run reads `batches` batches; (its keys by source, every rank's state)."""
+    read, saved = {}, []
+    for rank in range(world):
+        loader = _loader(list(sources), rank=rank, world=world, workers=workers, mb=mb, encode=encode,
+                         state=states)
+        for b in _take(loader, batches):
+            for key, source in zip(b["keys"], b["sources"]):
+                read.setdefault(source, []).append(key)
+        saved.append(json.loads(json.dumps(loader.state_dict())))
+        loader.close()
+    return read, saved
+
+
+def _resume_readers(sources, encode, saved, *, world, workers, batches, mb=4):
+    """Each reader of the new (world x workers) run: [(key, source)] in the order it read them, and the lengths of
+    the rests it was dealt per source."""
+    out = {}
+    for rank in range(world):
+        loader = _loader(list(sources), rank=rank, world=world, workers=workers, mb=mb, encode=encode, state=saved)
+        assert loader.resplit is not None and loader.state_dict()["consumed"] == 0
+        dealt = [[sum(e - s for _, s, e in d.get("rest", [])) for d in r["datasets"]] for r in loader.stream.states]
+        for b in _take(loader, batches):
+            role = b["worker"] if workers else 0
+            out.setdefault((rank, role), ([], dealt[role]))[0].extend(zip(b["keys"], b["sources"]))
+        loader.close()
+    assert len(out) == world * max(1, workers)
+    return out, loader.resplit
+
+
+def _rests_read(readers, names) -> dict[str, list[str]]:
+    """Per source: the keys each new reader read before it was done with the rest it was dealt."""
+    got = {name: [] for name in names}
+    for order, dealt in readers.values():
+        for d, name in enumerate(names):
+            mine = [key for key, source in order if source == name]
+            assert len(mine) >= dealt[d]  # read far enough to be done with it
+            got[name] += mine[: dealt[d]]
+    return got
+
+
+@pytest.mark.parametrize("old,new", [((2, 2), (1, 0)), ((1, 0), (2, 2)), ((2, 2), (3, 1)), ((1, 2), (1, 0))])
+def test_elastic_resume_reads_the_rest_of_every_interrupted_pass_exactly_once(configs, train_dir, old, new):
+    """Pre-empted mid-pass on one shape (ranks x workers), resumed on another: the samples read before, and those
+    the new readers read first, are every sample of the data set once; then each new reader reads its share of
+    the next epoch as a run of the new shape would."""
+    sources, encode = configs["one"]
+    all_keys = _tar_keys(train_dir)
+    before, saved = _pre_empt(sources, encode, world=old[0], workers=old[1], batches=8 // old[0])
+    name = Path(train_dir).name
+    assert len(before[name]) == 32 and len(set(before[name])) == 32  # every old reader is inside its first pass
+    per_reader = -(-(224 // (new[0] * max(1, new[1])) + 16) // 4)  # batches: its rest, then some of epoch 1
+    readers, resplit = _resume_readers(sources, encode, saved, world=new[0], workers=new[1],
+                                       batches=per_reader * max(1, new[1]))
+    assert (resplit.world_size, resplit.workers, resplit.left) == (old[0], max(1, old[1]), [224])
+    dealt = sorted(d[0] for _, d in readers.values())
+    assert sum(dealt) == 224 and dealt[-1] - dealt[0] <= 1  # dealt evenly
+    rest = _rests_read(readers, [name])[name]
+    assert sorted(before[name] + rest) == sorted(all_keys)  # each sample of the interrupted passes exactly once
+    # Then the usual split of the next epoch for the new shape: each reader reads its shards of epoch 1.
+    key_shard = {k: p.name for p in map(Path, shard_paths(train_dir)) for k in _tar_keys_of(p)}
+    shard_names = [p.name for p in map(Path, shard_paths(train_dir))]
+    for (rank, role), (order, d) in readers.items():
+        after = [key for key, _ in order[d[0]:]]
+        mine = reader_shards(8, seed=0, dataset=0, epoch=1, rank=rank, world_size=new[0], role=role,
+                             workers=max(1, new[1]))
+        assert after and {key_shard[k] for k in after} <= {shard_names[s] for s in mine}
+
+
+def _tar_keys_of(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return [m.name[: -len(".json")] for m in tar.getmembers() if m.name.endswith(".json")]
+
+
+def test_elastic_resume_with_two_data_sets_and_a_second_change_inside_the_rest(configs, train_dir, vqa_dir):
+    """Two data sets by weight, each with its own interrupted passes; a second change of shape while the first
+    rest is being read: still every sample of the interrupted passes once, per data set."""
+    sources, _ = configs["mix"]
+    names = [Path(train_dir).name, Path(vqa_dir).name]
+    before, saved = _pre_empt(sources, _encode, world=2, workers=2, batches=3)
+    assert all(len(set(before[n])) == len(before[n]) for n in names) and len(before[names[1]]) < 64
+    # One rank reads a little of the rest, is pre-empted again, and two ranks of one reader each take over.
+    middle, saved = _pre_empt(sources, _encode, world=1, workers=0, batches=5, states=saved)
+    assert saved[0]["readers"][0]["datasets"][0]["rest"]  # still inside the rest
+    readers, resplit = _resume_readers(sources, _encode, saved, world=2, workers=0, batches=80)
+    rests = _rests_read(readers, names)
+    for d, n in enumerate(names):
+        total = 256 if d == 0 else 64
+        assert resplit.left[d] == total - len(before[n]) - len(middle.get(n, []))
+        assert sorted(before[n] + middle.get(n, []) + rests[n]) == sorted(_tar_keys([train_dir, vqa_dir][d]))
+
+
+def test_an_exact_resume_inside_the_rest_continues_with_the_next_batch(configs):
+    sources, encode = configs["one"]
+    _, saved = _pre_empt(sources, encode, world=2, workers=2, batches=4)
+    whole = _loader(list(sources), encode=encode, state=saved)
+    want = _take(whole, 30)
+    whole.close()
+    first = _loader(list(sources), encode=encode, state=saved)
+    got = _take(first, 11)
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    assert state["readers"][0]["datasets"][0]["rest"]
+    got += _take(_loader(list(sources), encode=encode, state=state), 19)
+    assert [b["keys"] for b in got] == [b["keys"] for b in want]
+
+
+def test_elastic_states_that_disagree_or_a_damaged_rest_are_refused(configs):
+    sources, encode = configs["one"]
+    _, saved = _pre_empt(sources, encode, world=2, workers=0, batches=2)
+    with pytest.raises(VloraError, match="disagree"):
+        _loader(list(sources), state=[saved[0], saved[0]])
+    with pytest.raises(VloraError, match="seed"):
+        _loader(list(sources), seed=1, state=saved)
+    _, mid = _pre_empt(sources, encode, world=1, workers=0, batches=1, states=saved)
+    mid[0]["readers"][0]["datasets"][0]["rest"][0][2] = 10_000  # past the shard's end
+    with pytest.raises(VloraError, match="'rest' is not a list"):
+        next(_loader(list(sources), encode=encode, state=mid[0]))

@@ -7,9 +7,15 @@ runs/NAME/step_00000100/
                                    their optimizer state, one set per rank; nothing frozen)
     zero_to_fp32.py, ...          (engine deepspeed: DeepSpeed's scripts that consolidate deepspeed/ offline)
     train_state.json              (step, world size, engine, counters; written last)
+    trained_state.rank00000.safetensors, ...  (engine deepspeed: vlora's own gathered copy of the trained weights
+                                   and their AdamW moments, sharded over ranks: a resume on another world size)
     rank00000.json, ...           (each rank's data-stream position)
     rng.rank00000.safetensors     (each rank's torch / CUDA / numpy / python RNG states, as tensors and numbers:
                                    dropout resumes exactly)
+
+A resume on another number of ranks or data workers (elastic) merges or re-partitions the engine's state, deals
+the data stream's interrupted passes over the new readers (vlora/data/stream.py), and gives ranks that did not
+exist fresh RNG states from (seed, step, rank).
     config.yaml                   (the resolved config of the run that wrote it)
 runs/NAME/latest                  (the name of the newest complete folder)
 
@@ -72,8 +78,9 @@ class TrainState:
     step: int = 0  # optimizer steps done
     skipped_samples: int = 0  # over data.max_length, all ranks together
     skipped_steps: int = 0  # non-finite or fp16-overflow steps whose update was not applied
-    data: dict | None = None
+    data: dict | list | None = None  # this rank's position, or every rank's (an elastic resume: load_checkpoint)
     rng: dict | None = None
+    saved_world: int | None = None  # ranks that wrote the checkpoint resumed from
 
     COUNTERS = ("step", "skipped_samples", "skipped_steps")
 
@@ -111,12 +118,25 @@ def rng_states() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+def fresh_rng_states(seed: int, step: int, rank: int) -> dict:
+    """RNG states for a rank that the checkpoint has none for (it was written by fewer ranks): seeded by (seed,
+    step, rank), so a resume on the same ranks draws the same again."""
+    import hashlib
+
+    value = int.from_bytes(hashlib.sha256(f"vlora-rng/{seed}/{step}/{rank}".encode()).digest()[:8], "little") >> 1
+    return {"torch": torch.Generator().manual_seed(value).get_state(),
+            "numpy": np.random.RandomState(value % 2**32).get_state(), "python": random.Random(value).getstate(),
+            "cuda": [], "cuda_seed": value}
+
+
 def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+    elif states.get("cuda_seed") is not None and torch.cuda.is_available():
+        torch.cuda.manual_seed_all(states["cuda_seed"])
 
 
 def save_rng_states(path: Path, states: dict) -> None:
@@ -358,18 +378,23 @@ def _finish(run_dir: Path, step: int, preempted: bool) -> None:
     failpoint("save:end", step)
 
 
-def load_checkpoint(path: Path, state: TrainState, *, world: World, peft_model, engine) -> None:
+def load_checkpoint(path: Path, state: TrainState, *, world: World, peft_model, engine, data_workers: int = 1,
+                    seed: int = 0) -> None:
     """Restore the trained weights and the engine's state (optimizer, grad scaler) in place, and `state`
-    (counters, this rank's data position and RNG states). The caller sets the RNG states
-    just before the first step: building data loaders draws from them."""
+    (counters, the data position and RNG states). The caller sets the RNG states just before the first step:
+    building data loaders draws from them.
+
+    On as many ranks, each with as many data readers (`data_workers`), as wrote the checkpoint, `state.data` is
+    this rank's data position (an exact resume). Otherwise (an elastic resume) it is the list of every rank's, for
+    the data stream to deal the rest of the interrupted passes over the new readers (vlora.data.stream); a rank
+    that did not exist gets fresh RNG states from (seed, step, rank), and the engine re-partitions its state.
+    """
     from peft import set_peft_model_state_dict
 
     shared = read_json(path / "train_state.json")
-    if shared.get("world_size") != world.size:
-        raise VloraError(
-            f"checkpoint {path} was written by {shared.get('world_size')} rank(s), this run has {world.size}; "
-            "resume with the same number of processes (the data position is kept per rank)"
-        )
+    saved_world = shared.get("world_size")
+    if type(saved_world) is not int or saved_world < 1:
+        raise VloraError(f"checkpoint {path / 'train_state.json'}: world_size is {saved_world!r}, not a count of ranks")
     saved_engine = shared.get("engine", "ddp")
     if saved_engine != engine.name:
         raise VloraError(
@@ -377,8 +402,12 @@ def load_checkpoint(path: Path, state: TrainState, *, world: World, peft_model, 
             "same run.engine and ZeRO stage (or start a new run from its adapter with lora.init_from)"
         )
     # Every file is checked before anything is restored: a bad file fails the resume, not half of it.
-    rng = load_rng_states(_rng_file(path, world.rank))
-    rank_state = read_json(_rank_file(path, world.rank))
+    step = int(shared.get("step", 0))
+    mine = world.rank < saved_world  # this rank wrote files of its own
+    rng = load_rng_states(_rng_file(path, world.rank)) if mine else fresh_rng_states(seed, step, world.rank)
+    data = read_json(_rank_file(path, world.rank)).get("data") if mine else None
+    if saved_world != world.size or not isinstance(data, dict) or data.get("workers") != max(1, data_workers):
+        data = [read_json(_rank_file(path, r)).get("data") for r in range(saved_world)]
     weights = load_safetensors(path / "adapter" / "adapter_model.safetensors",
                                device="cpu" if engine.restores_weights else str(world.device))
     if not engine.restores_weights:
@@ -387,4 +416,4 @@ def load_checkpoint(path: Path, state: TrainState, *, world: World, peft_model, 
             raise VloraError(f"checkpoint {path}: adapter has keys this model lacks, e.g. {result.unexpected_keys[0]}")
     engine.load(path, shared)
     state.load_state_dict(shared)
-    state.data, state.rng = rank_state.get("data"), rng
+    state.data, state.rng, state.saved_world = data, rng, saved_world

@@ -14,6 +14,12 @@ the state that comes with it: the optimizer state (and under DeepSpeed the train
 checkpoints, how the model is built (ZeRO-3: 4-bit storage in the compute dtype, optionally created already
 partitioned), and the full trained weights for an adapter export (ZeRO-3: gathered to rank 0).
 
+A checkpoint resumes on any number of processes. DDP's optimizer state is sharded by parameter index over the
+ranks that wrote it, and merged from all of them. DeepSpeed's own files (ZeRO partitions) load only on the world
+size that wrote them, so beside them each rank writes its share of vlora's gathered copy of the trained state
+(`trained_state_file`: fp32 masters and AdamW moments, whole tensors); a resume on another world size loads that
+into its own partitions. `trained_state()` gathers what an engine holds, in that layout, for checks.
+
 `make_engine(cfg, plan, world, precision)` picks one by `run.engine`.
 """
 
@@ -73,6 +79,7 @@ class Engine:
         self.cfg, self.plan, self.world, self.precision = cfg, plan, world, precision
         self.module = self.optimizer = self.net = self.scaler = None
         self.params: list[torch.nn.Parameter] = []
+        self.trained_names: list[str] = []  # self.params' names in the loss module, in the same order
 
     # ---- building ----
     def quant_storage(self, compute_dtype: torch.dtype) -> torch.dtype | None:
@@ -89,6 +96,7 @@ class Engine:
 
         self.module, self.optimizer = loss_model, optimizer
         self.params = [p for p in loss_model.parameters() if p.requires_grad]
+        self.trained_names = [n for n, p in loss_model.named_parameters() if p.requires_grad]
         self.scaler = self.precision.grad_scaler()
         self.net = loss_model
         if self.world.distributed:
@@ -154,20 +162,35 @@ class Engine:
         return out
 
     def load(self, folder: Path, train_state: dict) -> None:
-        from vlora.checkpoint import load_tensors
-
-        merged = {"state": {}, "param_groups": None}
-        for r in range(self.world.size):  # the full state from every rank's shard
-            path = optimizer_file(folder, r)
-            shard = load_tensors(path, map_location=self.world.device)
-            if not (isinstance(shard, dict) and isinstance(shard.get("state"), dict)
-                    and isinstance(shard.get("param_groups"), list)):
-                raise VloraError(f"checkpoint file {path} is not an optimizer state shard")
-            merged["state"].update(shard["state"])
-            merged["param_groups"] = shard["param_groups"]
-        self.optimizer.load_state_dict(merged)
+        # The shards of the world that wrote the checkpoint, which may differ from this one's.
+        saved_world = int(train_state.get("world_size", self.world.size))
+        merged = merge_optimizer_shards(folder, saved_world, len(self.params), self.world.device)
+        try:
+            self.optimizer.load_state_dict(merged)
+        except ValueError as e:  # torch's check of the groups' sizes
+            raise VloraError(f"checkpoint {folder}: its optimizer state does not fit this run's optimizer "
+                             f"({str(e).splitlines()[0]}); resume with the same lora.*, model.freeze_* "
+                             "settings") from None
         if self.scaler is not None and "grad_scaler" in train_state:
             self.scaler.load_state_dict(train_state["grad_scaler"])
+
+    def trained_state(self) -> dict | None:
+        """Collective: on rank 0 what the engine holds of the trained tensors, full and fp32 on the CPU:
+        {name: weight, name.exp_avg: ..., name.exp_avg_sq: ...} for each of `trained_names`, and "step" (0-d int64,
+        AdamW's step; 0 and zero moments before its first step); None on the other ranks. DDP: every rank holds
+        it all, so nothing is exchanged."""
+        if not self.world.is_main:
+            return None
+        state = self.optimizer.state
+        out = {}
+        for name, p in zip(self.trained_names, self.params):
+            own = state[p] if p in state else {}
+            out[name] = _cpu_fp32(p)
+            for key in MOMENTS:
+                out[f"{name}.{key}"] = _cpu_fp32(own[key]) if key in own else torch.zeros(p.shape)
+        steps = [int(s["step"]) for s in state.values() if "step" in s]
+        out["step"] = torch.tensor(max(steps, default=0), dtype=torch.int64)
+        return out
 
     def full_weights(self):
         """Collective: inside it every rank sees the whole trained weights (only ZeRO-3 has to gather them)."""
@@ -191,9 +214,123 @@ class Engine:
 
 
 def shard_optimizer_state(state: dict, rank: int, world_size: int) -> dict:
-    """This rank's share of a replicated optimizer state: the parameters whose index is rank mod world size."""
+    """This rank's share of a replicated optimizer state: the parameters whose index is rank mod world size, and
+    the indices of every parameter that has state (so a resume can tell the shards cover all of it)."""
     return {"state": {i: v for i, v in state["state"].items() if i % world_size == rank},
-            "param_groups": state["param_groups"]}
+            "param_groups": state["param_groups"], "state_ids": sorted(state["state"])}
+
+
+def merge_optimizer_shards(folder: Path, world_size: int, n_params: int, device) -> dict:
+    """The optimizer state that `world_size` ranks saved as shards (`shard_optimizer_state`), merged: every shard
+    must be there, hold only its own parameters, and together they must hold exactly the state that was saved,
+    of an optimizer with `n_params` parameters. Anything else is refused in one line naming the file."""
+    from vlora.checkpoint import load_tensors
+
+    merged = {"state": {}, "param_groups": None}
+    saved_ids = None
+    for r in range(world_size):
+        path = optimizer_file(folder, r)
+        shard = load_tensors(path, map_location=device)  # a missing file: one line naming it
+        if not (isinstance(shard, dict) and isinstance(shard.get("state"), dict)
+                and isinstance(shard.get("param_groups"), list)):
+            raise VloraError(f"checkpoint file {path} is not an optimizer state shard")
+        listed = sorted(i for g in shard["param_groups"] for i in g.get("params", []))
+        if listed != list(range(n_params)):
+            raise VloraError(f"checkpoint file {path} holds the optimizer state of {len(listed)} parameters, this "
+                             f"run trains {n_params}; resume with the same lora.*, model.freeze_* settings")
+        stray = [i for i in shard["state"] if not isinstance(i, int) or i % world_size != r or i >= n_params]
+        if stray:
+            raise VloraError(f"checkpoint file {path} holds the state of parameter {stray[0]}, which is not rank "
+                             f"{r}'s share of {world_size} ranks (a file of another save?)")
+        ids = shard.get("state_ids")  # absent in checkpoints of older vlora versions
+        if ids is not None and saved_ids is not None and list(ids) != saved_ids:
+            raise VloraError(f"checkpoint file {path} was written with other parameters' state than "
+                             f"{optimizer_file(folder, 0).name} (a file of another save?)")
+        saved_ids = list(ids) if ids is not None else saved_ids
+        merged["state"].update(shard["state"])
+        merged["param_groups"] = shard["param_groups"]
+    if saved_ids is not None and sorted(merged["state"]) != saved_ids:
+        odd = sorted(set(saved_ids) ^ set(merged["state"]))[0]
+        raise VloraError(f"checkpoint {folder}: its {world_size} optimizer.rank*.pt shards hold the state of other "
+                         f"parameters than were saved (parameter {odd}; a file of another save?)")
+    return merged
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state per parameter, beside its step
+# DeepSpeed's fp16 loss scaler: what a resume on another world size restores (DynamicLossScaler's fields).
+LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _cpu_fp32(t: torch.Tensor) -> torch.Tensor:
+    """A copy of its own (not a view into a flat buffer) on the CPU, fp32: what safetensors writes."""
+    return t.detach().to("cpu", torch.float32, copy=True).contiguous()
+
+
+def trained_state_file(folder: Path, rank: int) -> Path:
+    """Engine deepspeed: rank `rank`'s share of vlora's gathered trained state (parameters rank, rank + world,
+    ...: for each its fp32 master weight `NAME` and AdamW moments `NAME.exp_avg`, `NAME.exp_avg_sq`, full shape,
+    fp32; the metadata key "vlora_trained_state" holds JSON {step, count, names, rank, world_size}). Written
+    beside DeepSpeed's own files, so a checkpoint resumes on any number of processes."""
+    return folder / f"trained_state.rank{rank:05d}.safetensors"
+
+
+TRAINED_STATE_KEY = "vlora_trained_state"
+
+
+def write_trained_state(path: Path, tensors: dict, *, names: list[str], step: int, count: int, rank: int,
+                        world_size: int) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"step": step, "count": count, "names": names, "rank": rank, "world_size": world_size}
+    save_file(tensors, str(path), metadata={TRAINED_STATE_KEY: json.dumps(meta)})
+
+
+def _read_trained_share(path: Path, folder: Path, world_size: int) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise VloraError(f"checkpoint {folder} has no {path.name} (written by a vlora without elastic resume): it "
+                         f"can only resume on {world_size} processes, the number that wrote it")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[TRAINED_STATE_KEY])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        step, count, names = int(meta["step"]), int(meta["count"]), [str(n) for n in meta["names"]]
+    except Exception as e:  # safetensors, JSON and key errors alike: not what vlora wrote
+        text = str(e).strip().splitlines()
+        raise VloraError(f"checkpoint file {path} is not a vlora trained-state file ({type(e).__name__}"
+                         f"{': ' + text[0][:200] if text else ''})") from None
+    return tensors, {"step": step, "count": count, "names": names}
+
+
+def read_trained_state(folder: Path, world_size: int) -> tuple[dict, list[str]]:
+    """What `world_size` ranks wrote with `write_trained_state`, merged: ({NAME, NAME.exp_avg, NAME.exp_avg_sq
+    for each trained tensor, "step": 0-d int64}, the names in the order of the engine's parameters). The layout of
+    `trained_state()`. A missing or inconsistent file is refused in one line naming it."""
+    shares = [(trained_state_file(folder, r), *_read_trained_share(trained_state_file(folder, r), folder,
+                                                                   world_size)) for r in range(world_size)]
+    _, _, first = shares[0]
+    count = first["count"]
+    names = [""] * count
+    out = {}
+    for r, (path, tensors, meta) in enumerate(shares):
+        if meta["step"] != first["step"] or meta["count"] != count:
+            raise VloraError(f"checkpoint file {path} records step {meta['step']} of {meta['count']} tensors, "
+                             f"{shares[0][0].name} step {first['step']} of {count} (a file of another save?)")
+        mine = range(r, count, world_size)
+        if len(meta["names"]) != len(mine):
+            raise VloraError(f"checkpoint file {path} names {len(meta['names'])} tensors, rank {r}'s share of "
+                             f"{count} over {world_size} ranks is {len(mine)}")
+        for i, name in zip(mine, meta["names"]):
+            names[i] = name
+            for key in (name, *(f"{name}.{m}" for m in MOMENTS)):
+                if key not in tensors:
+                    raise VloraError(f"checkpoint file {path} lacks {key}")
+                if tensors[key].dtype != torch.float32:
+                    raise VloraError(f"checkpoint file {path} holds {key} as {tensors[key].dtype}, not float32")
+                out[key] = tensors[key]
+    out["step"] = torch.tensor(first["step"], dtype=torch.int64)
+    return out, names
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,10 +527,23 @@ class DeepSpeedEngine(Engine):
 
     def save(self, folder):
         # Each rank writes its shards of the optimizer state (and, under ZeRO-3, of the trained weights) into
-        # folder/deepspeed/; nothing frozen is saved.
+        # folder/deepspeed/; nothing frozen is saved. A resume on as many processes loads them (bit-exact).
         self.ds.save_checkpoint(str(folder), tag=DS_TAG, client_state={"vlora_trained": self.trained_names},
                                 save_latest=False, exclude_frozen_parameters=True)
-        return {"engine": self.name}
+        out = {"engine": self.name}
+        if self.zero_stage >= 1:
+            # DeepSpeed's files load only on the world size that wrote them: vlora's own copy of the trained
+            # state, whole tensors, is what a resume on another number of processes loads. Rank r writes
+            # parameters r, r + world, ...
+            world = self.world.size
+            tensors, step = self._gather_trained(owner=lambda i: i % world)
+            write_trained_state(trained_state_file(folder, self.world.rank), tensors,
+                                names=self.trained_names[self.world.rank::world], step=step,
+                                count=len(self.trained_names), rank=self.world.rank, world_size=world)
+        scaler = self._loss_scaler_state()
+        if scaler:
+            out["loss_scaler"] = scaler
+        return out
 
     # What DeepSpeed's own checkpoint files pickle besides tensors and plain containers (found by loading the files of
     # ZeRO-2, ZeRO-3 and ZeRO-3-offload runs, fp32 and bf16, with weights_only=True; the model-states files need
@@ -429,6 +579,10 @@ class DeepSpeedEngine(Engine):
         return files
 
     def load(self, folder, train_state):
+        saved_world = int(train_state.get("world_size", self.world.size))
+        if saved_world != self.world.size:
+            self._load_elastic(folder, train_state, saved_world)
+            return
         self.check_checkpoint_files(folder)
         path, client = self.ds.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=False,
                                                load_optimizer_states=True, load_lr_scheduler_states=False)
@@ -437,6 +591,157 @@ class DeepSpeedEngine(Engine):
         if client.get("vlora_trained") != self.trained_names:
             raise VloraError(f"checkpoint {folder} trained other tensors than this run; resume with the same "
                              "lora.*, model.freeze_* settings")
+
+    # ---- vlora's own copy of the trained state: a resume on another number of processes ----
+    # DeepSpeed's ZeRO optimizer (self.ds.optimizer) keeps fp32 master weights in flat partitions, one per
+    # parameter group (ZeRO-3: per sub-group), which the torch AdamW it wraps (self.ds.optimizer.optimizer, vlora's)
+    # steps; its state (step, exp_avg, exp_avg_sq) is keyed by those flat tensors. DeepSpeed's fragment API
+    # (deepspeed.utils.safe_get/set_full_*) reads and writes one parameter's whole tensor across them.
+
+    def _flat_partitions(self) -> list[torch.Tensor]:
+        zero = self.ds.optimizer
+        return list(zero.fp32_partitioned_groups_flat if self.zero_stage == 3 else zero.single_partition_of_fp32_groups)
+
+    def _adam_step(self) -> int:
+        """AdamW's step count (0 before its first update: DeepSpeed skips steps with non-finite gradients)."""
+        state = self.ds.optimizer.optimizer.state
+        return max((int(state[f]["step"]) for f in self._flat_partitions() if f in state and "step" in state[f]),
+                   default=0)
+
+    def _link_moments(self) -> None:
+        """ZeRO-1/2: point each parameter's fragment at the AdamW state of its flat partition. DeepSpeed links them
+        only after its first update (`_lazy_init_hp_params_optimizer_state`), not after a load; linking again is
+        harmless (views of the current state tensors)."""
+        if self.zero_stage in (1, 2):
+            zero = self.ds.optimizer
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _gather_trained(self, owner) -> tuple[dict, int]:
+        """Collective, one pass over the trained parameters (every rank gathers each in the same order): ({NAME,
+        NAME.exp_avg, NAME.exp_avg_sq: full fp32 tensor on the CPU} for the parameters i with owner(i) == this
+        rank, AdamW's step). Before AdamW's first step the moments are zeros, as AdamW would start them."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        step = self._adam_step()
+        if step:
+            self._link_moments()
+        rank, out = self.world.rank, {}
+        for i, (name, p) in enumerate(zip(self.trained_names, self.params)):
+            full = {name: safe_get_full_fp32_param(p)}
+            for key in MOMENTS:
+                full[f"{name}.{key}"] = safe_get_full_optimizer_state(p, key) if step else None
+            if owner(i) == rank:
+                shape = tuple(getattr(p, "ds_shape", p.shape))
+                out.update((k, _cpu_fp32(v) if v is not None else torch.zeros(shape)) for k, v in full.items())
+        return out, step
+
+    def trained_state(self):
+        if self.zero_stage == 0:
+            raise VloraError("trained_state() needs ZeRO stage 1, 2 or 3 (stage 0 has no flat partitions)")
+        tensors, step = self._gather_trained(owner=lambda i: 0)
+        if not self.world.is_main:
+            return None
+        return {**tensors, "step": torch.tensor(step, dtype=torch.int64)}
+
+    def _loss_scaler_state(self) -> dict:
+        """fp16: the dynamic loss scale and its counters (DeepSpeed keeps them in its own files only)."""
+        scaler = getattr(self.ds.optimizer, "loss_scaler", None)
+        if self.precision.name != "fp16" or scaler is None:
+            return {}
+        out = {}
+        for key in LOSS_SCALER_FIELDS:
+            value = getattr(scaler, key, None)
+            if isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool):
+                out[key] = value.item() if isinstance(value, torch.Tensor) else value
+        return out
+
+    def _elastic_refusal(self) -> str | None:
+        """Why this engine cannot take a checkpoint of another world size, if it cannot."""
+        zero = self.ds.optimizer
+        if self.zero_stage == 0:
+            return "under ZeRO stage 0 vlora keeps no world-size-free copy of the optimizer state"
+        # ZeRO-3 offload with a ratio below 1 steps some sub-groups on the device with a second AdamW, whose state
+        # DeepSpeed's fragment API does not reach; NVMe swaps the state out of memory.
+        partly = getattr(zero, "offload_optimizer", False) and any(
+            d != "cpu" for d in getattr(zero, "subgroup_to_device", {}).values())
+        if getattr(zero, "swap_optimizer", False) or partly:
+            return ("the optimizer state is swapped to NVMe or only partly offloaded (zero_optimization."
+                    "offload_optimizer), which vlora cannot refill")
+        if self.zero_stage == 3 and any(f is None for f in zero.fp16_partitioned_groups_flat):
+            return "the parameters are swapped to NVMe (zero_optimization.offload_param), which vlora cannot refill"
+        return None
+
+    def _load_elastic(self, folder: Path, train_state: dict, saved_world: int) -> None:
+        """A checkpoint of another world size: vlora's gathered copy (trained_state_file) into this world's
+        partitions, the model's weights refreshed from it."""
+        why = self._elastic_refusal()
+        if why:
+            raise VloraError(f"checkpoint {folder} was written by {saved_world} rank(s), this run has "
+                             f"{self.world.size}: {why}; resume on {saved_world} processes")
+        state, names = read_trained_state(folder, saved_world)
+        if names != self.trained_names:
+            raise VloraError(f"checkpoint {folder} trained other tensors than this run; resume with the same "
+                             "lora.*, model.freeze_* settings")
+        for name, p in zip(names, self.params):
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            if tuple(state[name].shape) != shape:
+                raise VloraError(f"checkpoint {folder}: {name} has shape {tuple(state[name].shape)} there, {shape} "
+                                 "in this run; resume with the same lora.* settings")
+        self._set_trained(state, int(state["step"]))
+        scaler = getattr(self.ds.optimizer, "loss_scaler", None)
+        for key, value in train_state.get("loss_scaler", {}).items():
+            if scaler is not None and key in LOSS_SCALER_FIELDS:
+                setattr(scaler, key, value)
+        # DeepSpeed's own counters, as its load would set them (one per optimizer step, applied or not).
+        step = int(train_state.get("step", 0))
+        self.ds.global_steps, self.ds.global_samples = step, step * self.ds.train_batch_size()
+        self.ds.skipped_steps = int(train_state.get("skipped_steps", 0))
+
+    def _create_adam_state(self, step: int) -> None:
+        """AdamW's state for every flat partition, as torch makes it (through load_state_dict, which places the step
+        where the fused or plain kernel wants it): `step`, zero moments, which `_set_trained` then fills. DeepSpeed
+        creates it only at its first update; at step 0 none is made (a fresh AdamW starts so)."""
+        zero, opt = self.ds.optimizer, self.ds.optimizer.optimizer
+        for flat in self._flat_partitions():
+            opt.state.pop(flat, None)
+        if self.zero_stage in (1, 2):
+            zero._hp_optimizer_states_linked = False
+        if not step:
+            return
+        if self.zero_stage == 3:  # ZeRO-3 hands AdamW one sub-group at a time; load_state_dict needs them all
+            zero._set_fp32_optimizer_param_groups()
+        try:
+            saved = opt.state_dict()
+            flats = [p for g in opt.param_groups for p in g["params"]]
+            saved["state"] = {i: {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)} for i, p in enumerate(flats)}
+            opt.load_state_dict(saved)
+        finally:
+            if self.zero_stage == 3:
+                zero._clear_fp32_optimizer_param_groups()
+        self._link_moments()
+
+    def _set_trained(self, state: dict, step: int) -> None:
+        """Every parameter's full fp32 master weight and moments into this rank's partitions, then the model's own
+        (low-precision) weights refreshed from the masters, as DeepSpeed's universal-checkpoint load does."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        zero = self.ds.optimizer
+        if self.zero_stage == 3:
+            zero.checkpoint_event_prologue()  # every parameter released to its partition, which is rewritten
+        self._create_adam_state(step)
+        for name, p in zip(self.trained_names, self.params):
+            safe_set_full_fp32_param(p, state[name])
+            if step:
+                for key in MOMENTS:
+                    safe_set_full_optimizer_state(p, state[f"{name}.{key}"], key)
+        if self.zero_stage == 3:
+            for sub_group in range(len(zero.fp16_groups)):
+                zero._reassign_or_swap_out_partitioned_parameters(sub_group)  # masters -> the model's partitions
+            zero.checkpoint_event_epilogue()  # persistent (small) parameters gathered whole again
+        else:
+            zero.update_lp_params()  # masters -> the model's weights, all-gathered
 
     def full_weights(self):
         if self.zero_stage != 3:
@@ -466,6 +771,15 @@ class DeepSpeedEngine(Engine):
 
             unset_hf_deepspeed_config()
             self._hf_config = None
+        if self.ds is not None:
+            # DeepSpeed keeps the process groups it made (a clone of the world group) in module globals and would
+            # hand them to the next engine of this process: after vlora.distributed.cleanup() and a new group (an
+            # in-process run after another) they are destroyed ("Group ... is not registered"). Forget them.
+            from deepspeed.utils import groups
+
+            release = getattr(groups, "_release_process_group_references", None)
+            if release is not None:
+                release(None)
 
 
 def make_engine(cfg: Config, plan: Plan, world, precision) -> Engine:

@@ -102,6 +102,17 @@ class Trace:
             f.close()
 
 
+def _dump_trained_state(run: Run, name: str) -> None:
+    """Collective (`run.param_digest`): the trained weights and their AdamW moments as the engine holds them,
+    gathered, into digests/NAME.safetensors; a checkpoint's ("saved_...") and a resume's ("resumed_...") must be
+    equal bit for bit on any number of ranks."""
+    held = run.engine.trained_state()
+    if run.world.is_main:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in held.items()}, str(run.dir / "digests" / f"{name}.safetensors"))
+
+
 def param_digest(params: list[torch.Tensor]) -> str:
     """A hash of the trainable weights' bytes: equal on every rank iff the replicas are bit-identical."""
     h = hashlib.sha256()
@@ -174,11 +185,14 @@ def build(cfg: Config, plan: Plan, resources: contextlib.ExitStack) -> Run:
     processor, model, loss_model, optimizer = _build_model(cfg, world, engine, compute_dtype)
     state = TrainState()
     if resume_from is not None:  # trained weights, optimizer, step, this rank's data position and RNG states
-        load_checkpoint(resume_from, state, world=world, peft_model=model, engine=engine)
+        load_checkpoint(resume_from, state, world=world, peft_model=model, engine=engine,
+                        data_workers=cfg.data.num_workers, seed=cfg.run.seed)
         log.info("resumed from %s at step %d", resume_from, state.step)
 
     collator, batches, heldout = _build_data(cfg, world, processor, compute_dtype, state.data, engine.lockstep)
     resources.callback(batches.close)  # the data workers stop with the run, not at interpreter exit
+    if batches.resplit is not None:
+        _log_elastic_resume(world, cfg.data.num_workers, batches.resplit)
     metrics = Metrics(cfg.run_dir, enabled=world.is_main, total_steps=cfg.optim.max_steps,
                       progress=cfg.run.progress, wandb_config=to_dict(cfg) if cfg.run.wandb else None)
     resources.callback(metrics.close)
@@ -188,6 +202,8 @@ def build(cfg: Config, plan: Plan, resources: contextlib.ExitStack) -> Run:
               model=model, loss_model=loss_model, optimizer=optimizer, collator=collator, batches=batches,
               heldout=heldout, metrics=metrics, trace=trace, heartbeat=Heartbeat(world), preemption=preemption,
               state=state, saved_step=state.step if resume_from is not None else None)
+    if resume_from is not None and cfg.run.param_digest:
+        _dump_trained_state(run, f"resumed_step{state.step:08d}")
     if cfg.run.eval_generate and cfg.data.val:
         from vlora.evaluate import heldout_items
         from vlora.generate import Answerer
@@ -196,6 +212,23 @@ def build(cfg: Config, plan: Plan, resources: contextlib.ExitStack) -> Run:
         run.answerer = Answerer(model, processor, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
                                 synced_gpus=engine.lockstep)
     return run
+
+
+def _log_elastic_resume(world: World, num_workers: int, resplit) -> None:
+    """Say what a resume on other ranks or workers changed (rank 0; every rank computed the same)."""
+    def shape(processes: int, readers: int) -> str:
+        return f"{processes} process{'es' if processes > 1 else ''}" + (f" x {readers} data workers" if readers > 1 else "")
+
+    before, now = (resplit.world_size, resplit.workers), (world.size, max(1, num_workers))
+    left = sum(resplit.left)
+    line = (f"resumed on {shape(*now)} from a checkpoint of {shape(*before)}: {left:,} sample{'s' * (left != 1)} of "
+            f"the interrupted passes left, dealt over the {now[0] * now[1]} new reader(s) before the next epoch")
+    if before[0] != now[0]:
+        line += ("; the trained weights and optimizer state continue exactly, dropout cannot continue bit for bit "
+                 "across a change of world size" + (" (ranks that did not exist start from fresh RNG states)"
+                                                   if now[0] > before[0] else ""))
+    if world.is_main:
+        log.warning(line)
 
 
 def _prepare_run_dir(cfg: Config, world: World) -> None:
@@ -227,7 +260,7 @@ def _build_model(cfg: Config, world: World, engine, compute_dtype: torch.dtype):
     return processor, model, loss_model, optimizer
 
 
-def _build_data(cfg: Config, world: World, processor, compute_dtype: torch.dtype, position: dict | None,
+def _build_data(cfg: Config, world: World, processor, compute_dtype: torch.dtype, position: dict | list | None,
                 lockstep: bool):
     """(collator, the training stream from `position`, this rank's held-out batches)."""
     from vlora.data.collate import Collator
@@ -435,6 +468,8 @@ def save(run: Run, data_position: dict | None = None, preempted: bool = False) -
     from vlora.checkpoint import save_checkpoint
 
     run.state.data = data_position or run.batches.state_dict()
+    if run.cfg.run.param_digest:  # what the checkpoint holds, for the checks of a resume on other ranks (build)
+        _dump_trained_state(run, f"saved_step{run.state.step:08d}")
     path = save_checkpoint(run.dir, run.state, world=run.world, peft_model=run.model, engine=run.engine,
                            keep_last=run.cfg.run.keep_last, config_text=(run.dir / "config.yaml").read_text(),
                            reuse=run.state.step == run.saved_step, preempted=preempted)

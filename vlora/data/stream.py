@@ -16,13 +16,21 @@ Mixing. Before each sample a reader picks the data set by weight with a seeded R
 drawn in blocks, so draw number n is found without replaying the n before it). Every data set runs through
 its own epochs, independently of the others.
 
-Position. A reader's state is {"mix": draws, "datasets": [{"epoch": e, "emitted": n}, ...]}. Each batch
+Position. A reader's state is {"mix": draws, "datasets": [{"epoch": e, "emitted": n}, ...]} (plus "rest" while it
+reads what an elastic resume dealt it, below). Each batch
 carries its reader's state AFTER that batch (batch["stream"]); `Loader`, in the main process, keeps the
 newest state per role and the count of consumed batches C. torch's DataLoader returns batches round-robin
 from workers 0..W-1, starting at worker 0 for every new iterator, so global batch number g always comes from
 role g % W: on resume worker w plays role (w + C) % W, with that role's shards and state, and the stream goes
 on with exactly the batch that would have come next. Restoring replays integer draws only, then opens each
 open shard at its offset by reading tar headers (no sample data) and seeking there.
+
+Elastic resume. A run resumed on other ranks or workers gets every old rank's state (`train_loader(state=[...])`).
+Per data set, the unread rest of each old reader's current pass (recovered by the same replay: its open shards'
+unread ends, then the shards it had not opened) is cut into equal runs of (shard, first sample, end) pieces, one
+per new reader (`resplit_states`). A reader reads its run first (interleaved like an epoch, as `rest` in its
+state), then the epoch after the newest interrupted pass, split for the new shape: every sample of the rests is
+read exactly once before the new readers' next pass.
 
 The held-out stream is finite and deterministic: every rank reads the same samples in the same order and
 keeps every world-th one.
@@ -231,49 +239,59 @@ def warn_if_unbalanced(source: ShardSet, dataset: int, *, seed: int, world_size:
 
 
 class Interleave:
-    """The in-epoch sample order of one reader, as integers: which shard each next sample comes from.
+    """The sample order of one reader's pass, as integers: which piece of which shard each next sample comes from.
 
-    Up to `width` shards are open; each draw picks one with probability proportional to its samples left, so
-    the open shards run out at about the same pace. An exhausted shard's slot goes to the next shard in line.
+    A pass is a list of pieces (shard, first sample, end): the reader's whole shards in an epoch, or, after an
+    elastic resume, the parts of shards it was dealt from the interrupted passes. Up to `width` pieces are open;
+    each draw picks one with probability proportional to its samples left, so the open pieces run out at about
+    the same pace. An exhausted piece's slot goes to the next piece in line.
     """
 
-    def __init__(self, shards: list[int], sizes: Sequence[int], width: int, rng: random.Random):
-        self.sizes, self.rng = sizes, rng
-        self.pending = [s for s in shards if sizes[s] > 0]
-        self.queue = iter(self.pending)
-        self.queued = 0  # shards taken from the queue
-        self.slots: list[list[int]] = []  # [shard, samples taken]
-        self.left = 0  # samples left in the open shards
-        for shard in itertools.islice(self.queue, width):
-            self.slots.append([shard, 0])
-            self.left += sizes[shard]
-            self.queued += 1
+    def __init__(self, pieces: Sequence[tuple[int, int, int]], width: int, rng: random.Random):
+        self.pieces = [tuple(p) for p in pieces if p[2] > p[1]]
+        self.rng = rng
+        self.queued = 0  # pieces taken from the queue
+        self.slots: list[list[int]] = []  # [piece index, samples taken]
+        self.left = 0  # samples left in the open pieces
+        while len(self.slots) < width and self.queued < len(self.pieces):
+            self.slots.append(self._take())
 
-    def upcoming(self) -> int | None:
-        """The shard that will be opened next, if any is left in this epoch."""
-        return self.pending[self.queued] if self.queued < len(self.pending) else None
+    def _take(self) -> list[int]:
+        shard, start, end = self.pieces[self.queued]
+        self.queued += 1
+        self.left += end - start
+        return [self.queued - 1, 0]
 
-    def step(self) -> tuple[int, int, bool]:
-        """(shard, offset of the sample in it, whether that was the shard's last sample)."""
+    def upcoming(self) -> tuple[int, int] | None:
+        """(shard, first sample) of the piece that will be opened next, if any is left in this pass."""
+        return self.pieces[self.queued][:2] if self.queued < len(self.pieces) else None
+
+    def step(self) -> tuple[int, int, int, bool]:
+        """(piece index, shard, the sample's index in the shard, whether it was the piece's last sample)."""
         r = self.rng.randrange(self.left)
         for i, slot in enumerate(self.slots):
-            rest = self.sizes[slot[0]] - slot[1]
+            _, start, end = self.pieces[slot[0]]
+            rest = end - start - slot[1]
             if r < rest:
                 break
             r -= rest
-        shard, offset = slot
+        index, taken = slot
+        shard, start, end = self.pieces[index]
         slot[1] += 1
         self.left -= 1
-        last = slot[1] == self.sizes[shard]
+        last = start + slot[1] == end
         if last:
-            nxt = next(self.queue, None)
-            if nxt is None:
-                del self.slots[i]
+            if self.queued < len(self.pieces):
+                self.slots[i] = self._take()
             else:
-                self.queued += 1
-                self.slots[i] = [nxt, 0]
-                self.left += self.sizes[nxt]
-        return shard, offset, last
+                del self.slots[i]
+        return index, shard, start + taken, last
+
+    def remaining(self) -> list[tuple[int, int, int]]:
+        """What this pass has not read yet, as pieces: the open pieces' unread ends, then those not yet opened."""
+        opened = [(shard, start + taken, end) for index, taken in self.slots
+                  for shard, start, end in [self.pieces[index]] if start + taken < end]
+        return opened + self.pieces[self.queued:]
 
 
 def _samples(url: str, fileobj) -> Iterator[dict]:
@@ -369,27 +387,30 @@ class ShardReader:
             self.close()
         return sample
 
-    def close(self) -> None:
+    def close(self) -> None:  # idempotent: a piece that ends before its shard does is closed by its reader
         self.samples.close()
         self.file.close()
 
 
 class DatasetReader:
-    """One reader's endless pass over one data set: epoch after epoch, position = (epoch, emitted)."""
+    """One reader's endless passes over one data set: position = (epoch, emitted), plus `rest` while it reads what
+    an elastic resume dealt it from the interrupted passes (then `epoch` is the epoch that follows)."""
 
     def __init__(self, source: ShardSet, index: int, *, seed: int, rank: int, world_size: int, role: int, workers: int,
-                 open_shards: int, epoch: int = 0, emitted: int = 0, policy: remote.RetryPolicy | None = None):
+                 open_shards: int, epoch: int = 0, emitted: int = 0, rest: Sequence[Sequence[int]] | None = None,
+                 policy: remote.RetryPolicy | None = None):
         self.source, self.index, self.seed, self.policy = source, index, seed, policy
         self.rank, self.world_size, self.role, self.workers, self.width = rank, world_size, role, workers, open_shards
-        self.open: dict[int, ShardReader] = {}
-        # A remote set keeps its next shard opened (its first bytes on the way) before an open one runs out.
-        self.ahead: tuple[int, ShardReader] | None = None
+        self.open: dict[int, ShardReader] = {}  # by piece index in the pass
+        # A remote set keeps its next piece opened (its first bytes on the way) before an open one runs out.
+        self.ahead: tuple[tuple[int, int], ShardReader] | None = None
         self.read_ahead = remote.is_remote(source.folder)
-        self._start(epoch)
-        if not 0 <= emitted <= self.epoch_len:
-            raise VloraError(f"data state for {source.folder} says {emitted} samples into epoch {epoch}, but this "
-                             f"reader's share of that epoch has {self.epoch_len}: the shard folder changed")
-        for _ in range(emitted):  # integers only: recovers every open shard's offset
+        self._start(epoch, _checked_rest(rest, source) if rest else None)
+        if not 0 <= emitted <= self.pass_len:
+            raise VloraError(f"data state for {remote.redact(source.folder)} says {emitted} samples into "
+                             f"{'the rest of the interrupted passes' if self.rest else f'epoch {epoch}'}, but this "
+                             f"reader's share of it has {self.pass_len}: the shard folder changed")
+        for _ in range(emitted):  # integers only: recovers every open piece's offset
             self.plan.step()
         self.emitted = emitted
 
@@ -397,44 +418,61 @@ class DatasetReader:
         return reader_shards(len(self.source.sizes), seed=self.seed, dataset=self.index, epoch=epoch, rank=self.rank,
                              world_size=self.world_size, role=self.role, workers=self.workers)
 
-    def _start(self, epoch: int) -> None:
-        shards = self._epoch_shards(epoch)
+    def _start(self, epoch: int, rest: list[tuple[int, int, int]] | None = None) -> None:
         reader = global_reader(self.rank, self.world_size, self.role)
-        rng = random.Random(f"vlora-stream/{self.seed}/{self.index}/{epoch}/{reader}")
-        self.epoch, self.epoch_len = epoch, sum(self.source.sizes[s] for s in shards)
-        self.plan = Interleave(shards, self.source.sizes, self.width, rng)
+        if rest:
+            pieces, key = rest, f"vlora-stream/{self.seed}/{self.index}/{epoch}/rest/{reader}"
+        else:
+            pieces = [(s, 0, self.source.sizes[s]) for s in self._epoch_shards(epoch)]
+            key = f"vlora-stream/{self.seed}/{self.index}/{epoch}/{reader}"
+        self.epoch, self.rest = epoch, rest or None
+        self.pass_len = sum(end - start for _, start, end in pieces)
+        self.plan = Interleave(pieces, self.width, random.Random(key))
+
+    @property
+    def next_epoch(self) -> int:
+        """The epoch this reader's next pass reads."""
+        return self.epoch if self.rest else self.epoch + 1
 
     def next(self) -> dict:
-        while self.emitted == self.epoch_len:  # a share of only empty shards gives an empty epoch
-            self._close_open()  # all read; a shard opened ahead for the next epoch stays
-            self._start(self.epoch + 1)
+        while self.emitted == self.pass_len:  # a share of only empty shards gives an empty pass
+            self._close_open()  # all read; a piece opened ahead for the next pass stays
+            self._start(self.next_epoch)
             self.emitted = 0
-        shard, offset, last = self.plan.step()
-        reader = self.open.get(shard)
+        index, shard, offset, last = self.plan.step()
+        reader = self.open.get(index)
         if reader is None:
-            reader = self.open[shard] = self._open(shard, offset)
+            reader = self.open[index] = self._open(shard, offset)
         sample = reader.next()
         if last:
-            del self.open[shard]
+            self.open.pop(index).close()
         self.emitted += 1
         return sample
 
     def _open(self, shard: int, offset: int) -> ShardReader:
-        if self.ahead is not None and self.ahead[0] == shard and offset == 0:
+        if self.ahead is not None and self.ahead[0] == (shard, offset):
             reader, self.ahead = self.ahead[1], None
         else:
             reader = ShardReader(**self.source.shard(shard), offset=offset, policy=self.policy)
         if self.read_ahead and self.ahead is None:
             upcoming = self.plan.upcoming()
-            if upcoming is None:  # the epoch's last shards are open: the next epoch's first one is the next to come
-                order = self._epoch_shards(self.epoch + 1)
-                upcoming = next((s for s in order if self.source.sizes[s] > 0), None)
+            if upcoming is None:  # the pass's last pieces are open: the next epoch's first shard is the next to come
+                order = self._epoch_shards(self.next_epoch)
+                upcoming = next(((s, 0) for s in order if self.source.sizes[s] > 0), None)
             if upcoming is not None:
-                self.ahead = (upcoming, ShardReader(**self.source.shard(upcoming), offset=0, policy=self.policy))
+                self.ahead = (upcoming, ShardReader(**self.source.shard(upcoming[0]), offset=upcoming[1],
+                                                    policy=self.policy))
         return reader
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "emitted": self.emitted}
+        out = {"epoch": self.epoch, "emitted": self.emitted}
+        if self.rest:
+            out["rest"] = [list(p) for p in self.rest]
+        return out
+
+    def remaining(self) -> list[tuple[int, int, int]]:
+        """The unread rest of this reader's current pass, as (shard, first sample, end) pieces."""
+        return self.plan.remaining()
 
     def _close_open(self) -> None:
         for reader in self.open.values():
@@ -446,6 +484,18 @@ class DatasetReader:
         if self.ahead is not None:
             self.ahead[1].close()
             self.ahead = None
+
+
+def _checked_rest(rest, source: ShardSet) -> list[tuple[int, int, int]]:
+    """A saved `rest` as pieces, each inside a shard of `source`; anything else is refused in one line."""
+    def piece_ok(p) -> bool:
+        return (isinstance(p, (list, tuple)) and len(p) == 3 and all(type(x) is int for x in p)
+                and 0 <= p[0] < len(source.sizes) and 0 <= p[1] < p[2] <= source.sizes[p[0]])
+
+    if not isinstance(rest, (list, tuple)) or not all(map(piece_ok, rest)):
+        raise VloraError(f"data state for {remote.redact(source.folder)}: its 'rest' is not a list of [shard, first "
+                         "sample, end] inside the shard folder's shards; the state is damaged or the folder changed")
+    return [tuple(p) for p in rest]
 
 
 class Mixer:
@@ -716,6 +766,7 @@ class Loader:
 
     def __init__(self, stream: TrainStream, *, num_workers: int, consumed: int = 0, header: dict):
         self.stream, self.consumed, self.header = stream, consumed, header
+        self.resplit: Resplit | None = None  # what an elastic resume did with the data (train_loader sets it)
         self.readers = [dict(s) for s in stream.states]
         # A generator of its own: starting the workers then draws nothing from the global RNG, whose state
         # (LoRA dropout) a resumed run restores and must find untouched.
@@ -775,15 +826,18 @@ def worker_error(text: str) -> str:
     return text
 
 
-def _check_state(state: dict, header: dict, n_sources: int) -> None:
+def _check_state(state: dict, header: dict, n_sources: int, *, same_readers: bool = True) -> None:
+    """A saved rank's data state fits this run: format, seed, open_shards and shard folders always; with
+    `same_readers` (an exact resume) the rank, world size and readers per rank as well."""
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise VloraError(f"data-stream state has format {state.get('format') if isinstance(state, dict) else None!r}, "
                          f"expected {STATE_FORMAT!r}; start the data stream afresh (state=None)")
-    for key, what in (("rank", "rank"), ("world_size", "world size"), ("workers", "readers per rank (data.num_workers)"),
-                      ("seed", "seed (run.seed)"), ("open_shards", "open_shards")):
+    keys = (("rank", "rank"), ("world_size", "world size"), ("workers", "readers per rank (data.num_workers)"))
+    for key, what in (keys if same_readers else ()) + (("seed", "seed (run.seed)"), ("open_shards", "open_shards")):
         if state.get(key) != header[key]:
             raise VloraError(f"data-stream state was saved with {what} {state.get(key)}, this run has {header[key]}; "
-                             "an exact resume needs the same ranks, workers, seed and shard folders")
+                             "a resume needs the same seed, open_shards and shard folders (and, for an exact one, "
+                             "the same ranks and workers)")
     saved, now = state.get("sources"), header["sources"]
     if not isinstance(saved, list) or len(saved) != len(now) or any(
             not isinstance(a, dict) or (a.get("shards"), a.get("samples")) != (b["shards"], b["samples"])
@@ -806,19 +860,85 @@ def _check_state(state: dict, header: dict, n_sources: int) -> None:
         return (count(r.get("mix")) and isinstance(ds, list) and len(ds) == n_sources
                 and all(isinstance(d, dict) and count(d.get("epoch")) and count(d.get("emitted")) for d in ds))
 
-    if not count(state.get("consumed")) or not isinstance(readers, list) or len(readers) != header["workers"] \
-            or not all(map(reader_ok, readers)):
+    if not count(state.get("consumed")) or not isinstance(readers, list) or not count(state.get("workers")) \
+            or len(readers) != state["workers"] or not all(map(reader_ok, readers)):
         raise VloraError("data-stream state is damaged (consumed / readers); start the data stream afresh")
 
 
+@dataclass
+class Resplit:
+    """What an elastic resume did with the data: the readers before and the samples of their passes left."""
+
+    world_size: int  # ranks that wrote the states
+    workers: int  # readers per rank then
+    left: list[int]  # per data set: unread samples of the interrupted passes, now dealt over the new readers
+
+
+def resplit_states(saved: list[dict], sources: Sequence[ShardSet], header: dict) -> tuple[list[dict], Resplit]:
+    """Reader states for every reader of this run (by global reader index) from the states of every rank of a run
+    with other ranks or workers.
+
+    Per data set, the unread rest of each old reader's current pass (its open shards' unread ends, then the
+    shards it had not opened) is listed in old-reader order and cut into as many contiguous runs of equal length
+    (to one sample) as there are new readers: reader j reads run j first, then starts the epoch after the
+    newest of the interrupted passes with the usual split for this run. Every sample of the rests is read
+    exactly once (a run is a list of (shard, first sample, end) pieces, which a reader opens at their first
+    sample without reading what comes before).
+    """
+    old_world = len(saved)
+    for rank, state in enumerate(saved):
+        _check_state(state, header, len(sources), same_readers=False)
+        if state["rank"] != rank or state["world_size"] != old_world or state["workers"] != saved[0]["workers"]:
+            raise VloraError(f"the data-stream states of a checkpoint disagree (rank {rank} of {old_world} says rank "
+                             f"{state['rank']} of {state['world_size']} with {state['workers']} reader(s)); the "
+                             "checkpoint is damaged")
+    old_workers = saved[0]["workers"]
+    old = [(rank, role, saved[rank]["readers"][role]) for role in range(old_workers) for rank in range(old_world)]
+    new_readers = header["world_size"] * header["workers"]
+    mix = max(r["mix"] for _, _, r in old)  # draws on, so a reader's mix does not repeat one it made already
+    states = [{"mix": mix, "datasets": []} for _ in range(new_readers)]
+    left = []
+    for d, source in enumerate(sources):
+        pieces, next_epoch = [], 0
+        for rank, role, reader in old:  # global reader order: rank + world * role
+            replay = DatasetReader(source, d, seed=header["seed"], rank=rank, world_size=old_world, role=role,
+                                   workers=old_workers, open_shards=header["open_shards"], **reader["datasets"][d])
+            pieces += replay.remaining()
+            next_epoch = max(next_epoch, replay.next_epoch)
+        runs = _deal(pieces, new_readers)
+        for state, run in zip(states, runs):
+            state["datasets"].append({"epoch": next_epoch, "emitted": 0, **({"rest": run} if run else {})})
+        left.append(sum(end - start for _, start, end in pieces))
+    return states, Resplit(old_world, old_workers, left)
+
+
+def _deal(pieces: list[tuple[int, int, int]], readers: int) -> list[list[list[int]]]:
+    """`pieces` cut into `readers` contiguous runs whose sample counts differ by at most one."""
+    total = sum(end - start for _, start, end in pieces)
+    bounds = [j * total // readers for j in range(1, readers + 1)]  # where run j ends
+    runs: list[list[list[int]]] = [[] for _ in range(readers)]
+    j = done = 0
+    for shard, start, end in pieces:
+        while start < end:
+            while done >= bounds[j]:
+                j += 1
+            take = min(end - start, bounds[j] - done)
+            runs[j].append([shard, start, start + take])
+            start, done = start + take, done + take
+    return runs
+
+
 def train_loader(sources, *, rank: int, world_size: int, num_workers: int, seed: int, micro_batch: int, encode,
-                 collate, state: dict | None = None, open_shards: int = OPEN_SHARDS,
+                 collate, state: dict | list[dict] | None = None, open_shards: int = OPEN_SHARDS,
                  policy: remote.RetryPolicy | None = None) -> Loader:
-    """This rank's endless micro-batches from `sources` ([(dir, weight)], see parse_sources), from `state` if given.
+    """This rank's endless micro-batches from `sources` ([(dir, weight)], see parse_sources), from `state` if given:
+    this rank's saved state (an exact resume: the same ranks and workers), or the list of every rank's saved
+    states of a run with other ranks or workers (an elastic resume: `resplit_states`; `Loader.resplit` says what
+    it did).
 
     Batches are `collate`'s dicts plus batch["skipped"] (samples `encode` rejected since the previous batch of
     the same reader). Changing weights or micro_batch on resume is allowed (the sample streams are the same);
-    changing ranks, workers, seed or shard folders is refused.
+    changing the seed, open_shards or shard folders is refused.
     """
     if isinstance(sources, str):
         sources = parse_sources(sources)
@@ -831,14 +951,19 @@ def train_loader(sources, *, rank: int, world_size: int, num_workers: int, seed:
             warn_if_unbalanced(src, d, seed=seed, world_size=world_size, workers=workers)
     header = {"format": STATE_FORMAT, "rank": rank, "world_size": world_size, "workers": workers, "seed": seed,
               "open_shards": open_shards, "sources": [s.fingerprint() for s in loaded]}
-    consumed, states = 0, None
-    if state is not None:
+    consumed, states, resplit = 0, None, None
+    if isinstance(state, list):
+        every_reader, resplit = resplit_states(state, loaded, header)
+        states = [every_reader[global_reader(rank, world_size, role)] for role in range(workers)]
+    elif state is not None:
         _check_state(state, header, len(loaded))
         consumed, states = state["consumed"], state["readers"]
     stream = TrainStream(loaded, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,
                          micro_batch=micro_batch, encode=encode, collate=collate, open_shards=open_shards,
                          states=states, role_offset=consumed % workers, policy=policy)
-    return Loader(stream, num_workers=num_workers, consumed=consumed, header=header)
+    loader = Loader(stream, num_workers=num_workers, consumed=consumed, header=header)
+    loader.resplit = resplit
+    return loader
 
 
 def read_samples(shard_dir: str, max_samples: int, policy: remote.RetryPolicy | None = None) -> Iterator[dict]:
