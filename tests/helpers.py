@@ -79,7 +79,8 @@ def train_in_process(monkeypatch, tiny_model_dir, demo_shards, out_dir, **extra)
     from vlora.train import build, fit
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "0")  # recorded, so that whatever the run sets is undone after the test
+        monkeypatch.delenv(var)
     cfg = load_config(None, run_overrides(tiny_model_dir, demo_shards, out_dir, **{"data.num_workers": 0, **extra}))
     with contextlib.ExitStack() as resources:
         run = build(cfg, preflight(cfg), resources)

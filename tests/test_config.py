@@ -80,8 +80,11 @@ def test_bad_keys_and_values(paths, override, message):
 def test_batch_not_divisible(paths):
     cfg = load_config(None, paths + ["optim.global_batch=20", "optim.micro_batch=4"])
     assert validate(cfg, world_size=1).grad_accum == 5
-    with pytest.raises(VloraError, match=r"optim.global_batch=20 is not divisible by .* = 4 x 2 = 8"):
+    with pytest.raises(VloraError, match=r"optim.global_batch=20 is not divisible by .* = 4 x 2 = 8; set "
+                                         r"optim.micro_batch=2 to keep this global batch on 2 process"):
         validate(cfg, world_size=2)
+    with pytest.raises(VloraError, match=r"= 4 x 3 = 12; pick a global batch that is a multiple of 12"):
+        validate(cfg, world_size=3)  # no micro-batch divides 20 over 3 processes
 
 
 def test_missing_paths_named(tmp_path, paths):

@@ -421,9 +421,14 @@ def validate(cfg: Config, world_size: int = 1) -> Plan:
         )
     per_pass = cfg.optim.micro_batch * world_size
     if cfg.optim.global_batch % per_pass:
+        # A run resumed on another number of processes keeps its global batch (and so its curve): say which
+        # smaller micro-batch would keep it here.
+        fits = [m for m in range(cfg.optim.micro_batch - 1, 0, -1) if cfg.optim.global_batch % (m * world_size) == 0]
+        fix = (f"set optim.micro_batch={fits[0]} to keep this global batch on {world_size} process(es)" if fits else
+               f"pick a global batch that is a multiple of {per_pass}")
         raise VloraError(
             f"optim.global_batch={cfg.optim.global_batch} is not divisible by optim.micro_batch x world size "
-            f"= {cfg.optim.micro_batch} x {world_size} = {per_pass}; pick a global batch that is a multiple of {per_pass}"
+            f"= {cfg.optim.micro_batch} x {world_size} = {per_pass}; {fix}"
         )
     if cfg.run.overwrite and cfg.run.resume:
         raise VloraError("run.overwrite=true would delete the checkpoint that run.resume asks for; set only one")

@@ -440,6 +440,7 @@ class DeepSpeedEngine(Engine):
         self.lockstep = self.zero_stage == 3
         self.ds = None
         self._hf_config = None
+        self._set_local_rank = False
         _quiet_deepspeed(world.device)
 
     def quant_storage(self, compute_dtype):
@@ -473,7 +474,9 @@ class DeepSpeedEngine(Engine):
             ds_comm = importlib.import_module("deepspeed.comm.torch")  # (the package's `torch` attribute is torch)
             if hasattr(ds_comm, "build_shm_op"):
                 ds_comm.build_shm_op = lambda: None
-        os.environ.setdefault("LOCAL_RANK", str(self.world.local_rank))  # DeepSpeed asks; unset without torchrun
+        if "LOCAL_RANK" not in os.environ:  # DeepSpeed asks; unset without torchrun. Removed again by close(): HF
+            os.environ["LOCAL_RANK"] = str(self.world.local_rank)  # code later in this process would take it for
+            self._set_local_rank = True  # torchrun's and look for a rendezvous
         self.module, self.optimizer = loss_model, optimizer
         self.params = [p for p in loss_model.parameters() if p.requires_grad]
         self.trained_names = [n for n, p in loss_model.named_parameters() if p.requires_grad]
@@ -780,6 +783,9 @@ class DeepSpeedEngine(Engine):
             release = getattr(groups, "_release_process_group_references", None)
             if release is not None:
                 release(None)
+        if self._set_local_rank:
+            os.environ.pop("LOCAL_RANK", None)
+            self._set_local_rank = False
 
 
 def make_engine(cfg: Config, plan: Plan, world, precision) -> Engine:
