@@ -12,12 +12,12 @@ runs/NAME/step_00000100/
     rank00000.json, ...           (each rank's data-stream position)
     rng.rank00000.safetensors     (each rank's torch / CUDA / numpy / python RNG states, as tensors and numbers:
                                    dropout resumes exactly)
+    config.yaml                   (the resolved config of the run that wrote it)
+runs/NAME/latest                  (the name of the newest complete folder)
 
 A resume on another number of ranks or data workers (elastic) merges or re-partitions the engine's state, deals
 the data stream's interrupted passes over the new readers (vlora/data/stream.py), and gives ranks that did not
 exist fresh RNG states from (seed, step, rank).
-    config.yaml                   (the resolved config of the run that wrote it)
-runs/NAME/latest                  (the name of the newest complete folder)
 
 How a save stays safe against a kill at any moment:
 - it is assembled in `.tmp-step_X` and renamed into place in one step, then `latest` is replaced atomically, so a
@@ -80,7 +80,6 @@ class TrainState:
     skipped_steps: int = 0  # non-finite or fp16-overflow steps whose update was not applied
     data: dict | list | None = None  # this rank's position, or every rank's (an elastic resume: load_checkpoint)
     rng: dict | None = None
-    saved_world: int | None = None  # ranks that wrote the checkpoint resumed from
 
     COUNTERS = ("step", "skipped_samples", "skipped_steps")
 
@@ -416,4 +415,4 @@ def load_checkpoint(path: Path, state: TrainState, *, world: World, peft_model, 
             raise VloraError(f"checkpoint {path}: adapter has keys this model lacks, e.g. {result.unexpected_keys[0]}")
     engine.load(path, shared)
     state.load_state_dict(shared)
-    state.data, state.rng, state.saved_world = data, rng, saved_world
+    state.data, state.rng = data, rng
