@@ -2,7 +2,14 @@
 PY      := .venv/bin/python
 VLORA   := .venv/bin/vlora
 STAMP   := .venv/.installed
-TINY    := .cache/tiny-qwen2.5-vl
+# FAMILY=qwen2_vl|qwen2_5_vl|qwen3_vl|qwen3_5 picks the tiny model of `make demo` / `make tiny-model`
+# (vlora/families); its folder is .cache/tiny-qwen2.5-vl for qwen2_5_vl, and so on.
+FAMILY  ?= qwen2_5_vl
+TINY    := .cache/tiny-$(subst _,-,$(subst 2_5,2.5,$(subst 3_5,3.5,$(FAMILY))))
+# The demo images are 112 px boards of 28 px cells; at 32 px per token (Qwen3-VL, Qwen3.5) they are resized to
+# 128 px, so that each cell is still one image token.
+DEMO_ARGS := model.path=$(TINY) $(if $(filter qwen2_5_vl,$(FAMILY)),,run.name=demo-$(FAMILY)) \
+             $(if $(filter qwen3%,$(FAMILY)),data.max_pixels=16384)
 DEMO    := shards/demo
 NPROC   ?= 2
 SRC     ?=
@@ -20,8 +27,8 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 tiny-model: $(TINY)/config.json
-$(TINY)/config.json: vlora/tiny.py | $(STAMP)
-	$(VLORA) tiny-model --out $(TINY)
+$(TINY)/config.json: vlora/tiny.py vlora/families/$(FAMILY).py | $(STAMP)
+	$(VLORA) tiny-model --family $(FAMILY) --out $(TINY)
 
 # `make shards` packs the demo set; `make shards SRC=annotations.jsonl OUT=shards/NAME/train` packs yours
 # (SRC may be a folder of .json/.jsonl files; more flags: PACK_ARGS="--max-reject 0.01 --workers 4").
@@ -44,7 +51,7 @@ $(DEMO)/%/manifest.json: $(DEMO)/src/train.jsonl
 # side by side: each step is mostly a Python start on one core.
 demo: | $(STAMP)
 	$(MAKE) --no-print-directory -j2 $(TINY)/config.json demo-shards
-	$(PY) train.py --config vlora/configs/demo.yaml
+	$(PY) train.py --config vlora/configs/demo.yaml $(DEMO_ARGS)
 
 train: | $(STAMP)
 	.venv/bin/torchrun --standalone --nproc_per_node $(NPROC) --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 train.py $(ARGS)

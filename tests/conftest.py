@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny Qwen2.5-VL and the demo shards are built once per test session."""
 
+import json
 import os
 from pathlib import Path
 
@@ -34,6 +35,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_model_dir):
+    """family -> the tiny model folder of that family (vlora.families), each built once, with the tests' lm_head
+    scale and rope_theta; qwen2_5_vl is `tiny_model_dir` itself."""
+    from vlora.tiny import build_tiny_model
+
+    built = {"qwen2_5_vl": tiny_model_dir}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            out = tmp_path_factory.mktemp("tiny") / f"tiny-{family}"
+            built[family] = build_tiny_model(out, family=family, seed=0, lm_head_std=0.1, rope_theta=1e6)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def demo_src(tmp_path_factory) -> Path:
     from vlora.data.synth import write_demo_data
 
@@ -65,3 +83,22 @@ def tiny_lora_model(tiny_model_dir: Path, *overrides: str):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     return model.train()
+
+
+@pytest.fixture(scope="session")
+def mixed_shards(tmp_path_factory, demo_src) -> Path:
+    """Two shards: 32 text-only samples, then 32 with an image. With 2 ranks x 1 reader each, one rank's
+    micro-batches are all text-only and the other's all have images (checked in test_deepspeed from the key traces)."""
+    from vlora.data.pack import pack
+
+    src = tmp_path_factory.mktemp("mixed_src")
+    (src / "a_text.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": str(2 * i)}]}) + "\n"
+        for i in range(32)))
+    lines = (demo_src / "train.jsonl").read_text().splitlines()[:32]
+    (src / "b_images.jsonl").write_text("".join(line + "\n" for line in lines))
+    (src / "images").symlink_to(demo_src / "images")
+    out = tmp_path_factory.mktemp("mixed") / "train"
+    summary = pack(src, out, shard_size=32)
+    assert (summary.written, summary.shards) == (64, 2)
+    return out

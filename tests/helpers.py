@@ -154,13 +154,13 @@ def assert_same_run(a: Path, b: Path, *, steps: int, rtol: float, atol: float = 
 def plain_peft_logits(tiny_model_dir, adapter_dir, batch):
     """(base logits, base + adapter logits) as a user gets them: the 4-bit tiny base and plain PeftModel."""
     from peft import PeftModel
-    from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     from vlora.model import full_logits, keep_training_layout
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["model.visual", "lm_head"])
-    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    base = AutoModelForImageTextToText.from_pretrained(
         tiny_model_dir, quantization_config=quant, dtype=torch.float32, device_map="cpu")
     # bitsandbytes would otherwise repack the 4-bit weights for its bf16 CPU inference kernel in eval mode
     # (AVX512-BF16 machines only), which moves logits by ~0.02 whatever the adapter: compare like with like.

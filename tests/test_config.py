@@ -178,19 +178,26 @@ def test_val_samples_and_adam_settings(paths, override, message):
     validate(load_config(None, paths + ["data.val_samples=0", "optim.beta1=0", "optim.beta2=0.95", "optim.eps=1e-6"]))
 
 
-def test_max_pixels_below_what_the_shards_were_checked_for(tmp_path, paths, demo_shards):
-    """A smaller data.max_pixels than the packed images allow could shrink one to a zero side in a data worker."""
+def test_max_pixels_below_what_the_shards_were_checked_for(tmp_path, paths, demo_shards, tiny_models):
+    """A smaller data.max_pixels than the packed images allow could shrink one to a zero side in a data worker; the
+    floor is the model family's (28 or 32 px per token)."""
     import json
     import shutil
 
     train = demo_shards / "train"
-    # The demo images are square (112x112): they resize under any max_pixels from 28 * 28 + 1 on.
+    # The demo images are square (112x112): they resize under any max_pixels from 28 * 28 + 1 on (32 * 32 + 1 for a
+    # Qwen3-VL model).
     preflight(load_config(None, paths + ["data.min_pixels=785", "data.max_pixels=785"]))
     with pytest.raises(VloraError) as e:
         preflight(load_config(None, paths + ["data.min_pixels=784", "data.max_pixels=784"]))
     assert str(e.value) == (f"data.max_pixels=784 is below 785, the least that every image in {train} resizes under without a "
                             "zero side (its narrowest image); raise data.max_pixels to 785 or repack with "
                             "`vlora pack --max-pixels 784`, which rejects those images")
+    assert json.loads((train / "manifest.json").read_text())["checks"]["max_pixels_floor"] == {"28": 785, "32": 1025}
+    qwen3 = [f"model.path={tiny_models('qwen3_vl')}", "data.min_pixels=1024"]
+    preflight(load_config(None, paths + qwen3 + ["data.max_pixels=1025"]))
+    with pytest.raises(VloraError, match=r"^data.max_pixels=1024 is below 1025, the least"):
+        preflight(load_config(None, paths + qwen3 + ["data.max_pixels=1024"]))
     # A manifest from before the floor was recorded: held to the max_pixels it was packed with.
     old = tmp_path / "old_val"
     shutil.copytree(demo_shards / "val", old)

@@ -65,25 +65,6 @@ def launch(overrides: list[str], env: dict | None = None, timeout: int = 300,
 
 
 @pytest.fixture(scope="module")
-def mixed_shards(tmp_path_factory, demo_src) -> Path:
-    """Two shards: 32 text-only samples, then 32 with an image. With 2 ranks x 1 reader each, one rank's
-    micro-batches are all text-only and the other's all have images (checked below from the key traces)."""
-    from vlora.data.pack import pack
-
-    src = tmp_path_factory.mktemp("mixed_src")
-    (src / "a_text.jsonl").write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": str(2 * i)}]}) + "\n"
-        for i in range(32)))
-    lines = (demo_src / "train.jsonl").read_text().splitlines()[:32]
-    (src / "b_images.jsonl").write_text("".join(line + "\n" for line in lines))
-    (src / "images").symlink_to(demo_src / "images")
-    out = tmp_path_factory.mktemp("mixed") / "train"
-    summary = pack(src, out, shard_size=32)
-    assert (summary.written, summary.shards) == (64, 2)
-    return out
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, demo_shards, mixed_shards):
     """name -> (run folder, torchrun's result); each launch happens once, when a test first needs it."""
     out = tmp_path_factory.mktemp("ds_runs")

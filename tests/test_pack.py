@@ -87,7 +87,7 @@ def test_demo_manifest_matches_files(demo_src, demo_shards):
         assert (m["paths_resolved_by_suffix"], m["checks"]) == (0, {"max_image_pixels": 89_478_485, "max_image_bytes": 64 << 20,
                                                                   "confine": False, "max_aspect_ratio": 200,
                                                                   "min_pixels": 3136, "max_pixels": 200704,
-                                                                  "max_pixels_floor": 28 * 28 + 1})  # 112x112: square
+                                                                  "max_pixels_floor": {"28": 28 * 28 + 1, "32": 32 * 32 + 1}})  # 112x112
         assert m["skipped"] == []
         assert (d / "rejects.jsonl").read_text() == ""
         assert sorted(p.name for p in d.iterdir()) == sorted(["manifest.json", "rejects.jsonl"] + [s["name"] for s in m["shards"]])
@@ -711,7 +711,8 @@ def test_max_tokens_counts_what_the_collator_encodes(tmp_path, tiny_model_dir):
     assert read_manifest(tmp_path / "fits")["checks"] == {"max_image_pixels": 89_478_485, "max_image_bytes": 64 << 20,
                                                           "confine": False, "max_aspect_ratio": 200, "max_tokens": n,
                                                           "model": str(tiny_model_dir), **limits,
-                                                          "max_pixels_floor": 28 * 28 * 200 // 50 + 1}  # tall.png: 50x200
+                                                          "max_pixels_floor": {"28": 28 * 28 * 200 // 50 + 1,  # tall.png: 50x200
+                                                                               "32": 32 * 32 * 200 // 50 + 1}}
     assert TokenCounter(str(tiny_model_dir), **limits).factor == pack_mod.QWEN_FACTOR
     s = pack(src, tmp_path / "over", max_tokens=n - 1, model=tiny_model_dir, workers=2, **limits)
     assert (s.written, s.rejected, s.rejects_by_reason) == (0, 1, {"too_many_tokens": 1})

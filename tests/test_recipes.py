@@ -57,7 +57,37 @@ def many_shards(tmp_path_factory, demo_src) -> Path:
 def test_there_are_recipes_for_the_public_checkpoints():
     assert {load_config(p).model.path for p in RECIPES} == {
         "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-32B-Instruct",
-        "Qwen/Qwen2.5-VL-72B-Instruct"}
+        "Qwen/Qwen2.5-VL-72B-Instruct", "Qwen/Qwen2-VL-7B-Instruct", "Qwen/Qwen3-VL-8B-Instruct",
+        "Qwen/Qwen3-VL-32B-Instruct", "Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen3.5-27B"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_pixel_budgets_are_whole_tokens_of_its_family(recipe):
+    """data.min_pixels / max_pixels are factor x factor x tokens at the family's resize factor (28 px per token for
+    Qwen2/2.5-VL, 32 for Qwen3-VL/3.5), and a budget's comment ("# 32 x 32 x 256: ...") says so."""
+    import json
+
+    from vlora import families
+
+    cfg = load_config(recipe)
+    factor = families.of_config(json.loads(hub_config(cfg).read_text())).resize_factor
+    for key in ("min_pixels", "max_pixels"):
+        value = getattr(cfg.data, key)
+        assert value % factor**2 == 0, f"{recipe.name}: data.{key}={value} is not a whole number of {factor} px tokens"
+        comment = re.search(rf"^  {key}: {value} +# (\d+) x (\d+) x (\d+):", recipe.read_text(), re.M)
+        if comment:
+            assert (int(comment[1]), int(comment[2]), value) == (factor, factor, factor**2 * int(comment[3]))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_moe_recipes_adapt_no_routed_expert(recipe):
+    """llm_mlp finds no Linear in Qwen3-VL-MoE's layers (the experts are 3-D parameters): vlora refuses it there."""
+    from vlora.memory import read_shape
+
+    cfg = load_config(recipe)
+    shape = read_shape(hub_config(cfg))
+    if shape.moe_layers and not shape.shared_expert_intermediate:
+        assert "llm_mlp" not in cfg.lora.targets
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])

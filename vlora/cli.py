@@ -15,10 +15,11 @@ from vlora.errors import VloraError
 
 
 def cmd_tiny_model(args) -> int:
+    from vlora import families
     from vlora.tiny import build_tiny_model
 
-    out = build_tiny_model(args.out, seed=args.seed)
-    print(f"tiny Qwen2.5-VL written to {out}")
+    out = build_tiny_model(args.out, family=args.family, seed=args.seed)
+    print(f"tiny {families.get(args.family).title} written to {out}")
     return 0
 
 
@@ -60,8 +61,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlora", description="QLoRA fine-tuning for vision-language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("tiny-model", help="build the tiny local Qwen2.5-VL used by the demo and the tests")
+    from vlora.families import DEFAULT, NAMES
+
+    t = sub.add_parser("tiny-model", help="build a tiny local Qwen-VL model (random weights) for the demo and tests")
     t.add_argument("--out", required=True, type=Path)
+    t.add_argument("--family", choices=NAMES, default=DEFAULT, help=f"model family (default {DEFAULT})")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_tiny_model)
 

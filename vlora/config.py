@@ -27,7 +27,9 @@ from vlora.errors import VloraError
 
 @dataclass
 class ModelArgs:
-    path: str = ".cache/tiny-qwen2.5-vl"  # local checkpoint folder or hub id of a Qwen2.5-VL model
+    # local checkpoint folder or hub id of a Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5 model (its config.json
+    # says which family: vlora/families)
+    path: str = ".cache/tiny-qwen2.5-vl"
     quant: str = "nf4"  # nf4 | fp4 | none: how the LLM's big linears are stored (none = compute_dtype, plain LoRA)
     double_quant: bool = True  # quantize the 4-bit scales too (about 0.4 bit/param saved)
     compute_dtype: str = "auto"  # auto | fp32 | bf16 | fp16: dtype of 4-bit matmuls and unquantized weights
@@ -60,9 +62,10 @@ class LoraArgs:
     r: int = 16  # LoRA rank of every targeted group without its own entry in group_r
     alpha: int = 32  # LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)
     dropout: float = 0.05  # dropout on the LoRA input, in [0, 1)
-    # Where adapters go, by component group: llm_attn (q/k/v/o_proj), llm_mlp (gate/up/down_proj),
-    # merger (visual.merger.mlp.0 and .2), vision_attn (vision blocks' attn.qkv, attn.proj),
-    # vision_mlp (vision blocks' mlp.gate/up/down_proj). Vision groups need model.freeze_vision=false.
+    # Where adapters go, by component group: llm_attn (q/k/v/o_proj; Qwen3.5 also its linear_attn projections),
+    # llm_mlp (gate/up/down_proj), merger (the vision-language projector; Qwen3-VL also its DeepStack mergers),
+    # vision_attn (vision blocks' attn.qkv, attn.proj), vision_mlp (vision blocks' MLP). Each family names the
+    # modules (vlora/families, docs/families.md). Vision groups need model.freeze_vision=false.
     targets: list[str] = field(default_factory=lambda: ["llm_attn", "llm_mlp", "merger"])
     # Per-group rank and alpha, "group=value" items overriding r / alpha for that group:
     # lora.group_r=merger=32,vision_attn=8 on the command line, or group_r: [merger=32, vision_attn=8] in YAML.

@@ -112,8 +112,10 @@ def evaluate(model_path: str, adapter: str | None, shards: str, out: str, *, max
     model, processor = load_for_inference(model_path, {ADAPTER: adapter} if adapter else {}, quant=quant,
                                           dtype=dtype, device=device)
     systems = (["adapter"] if adapter else []) + (["base"] if with_base or not adapter else [])
+    from vlora import families
+
     collator = Collator(processor, min_pixels=min_pixels, max_pixels=max_pixels, max_length=1 << 30,
-                        pixel_dtype=vision_dtype(model))
+                        pixel_dtype=vision_dtype(model), boxes=families.of_config(model.config).boxes)
     answerer = Answerer(model, processor, min_pixels=min_pixels, max_pixels=max_pixels)
     encoded = [x for x in map(collator.encode, samples) if x is not None]
     losses = {}

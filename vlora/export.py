@@ -5,8 +5,10 @@ processor files: `AutoProcessor.from_pretrained(out)` + `PeftModel.from_pretrain
 
 With --merge, LoRA (W + scale * B @ A, DoRA's magnitude applied per output row) and a fully trained merger
 (peft's modules_to_save) go into the base's unquantized weights, shard by shard, under the base file's own tensor
-names and shard names, so the folder loads like the base did and peak memory is about one shard. A base that is
-itself pre-quantized is refused: merging into 4-bit weights would bake their rounding into every adapted tensor.
+names and shard names, so the folder loads like the base did and peak memory is about one shard. Tensors the adapter
+does not touch (Qwen3.5's mtp.* layers, MoE experts) are copied as stored. A base that is itself pre-quantized is
+refused: merging into 4-bit weights would bake their rounding into every adapted tensor. Every vlora family
+(vlora.families) is exported; KEY_LAYOUTS says how each one's files name their tensors.
 
 Every export is checked: what was written is loaded and run on a probe (one text-only prompt, one with an image),
 and its logits are compared with the unquantized base + the source adapter (peft, unmerged) in the same dtype.
@@ -59,9 +61,13 @@ class VerificationFailed(VloraError):
 # ---- tensor names: in-memory / peft module names -> the base file's tensor names, per model family ----
 
 # transformers >= 4.52 names the Qwen-VL modules model.language_model.* and model.visual.* in memory (peft's adapter
-# names follow); transformers 5 saves them under the hub's names (model.*, visual.*), 4.52-4.57 saved the in-memory
-# names. Each part's possible prefixes, hub first; older adapters (transformers < 4.52) use the hub names in memory.
+# names follow; adapters from transformers < 4.52 use model.*, visual.*). What a base FILE calls them depends on the
+# family: Qwen2-VL / Qwen2.5-VL files (the hub's, transformers 5's) keep the original model.*, visual.*, while
+# transformers 4.52-4.57 saved the in-memory names; Qwen3-VL and Qwen3.5 (and their MoE variants) came after the
+# rename, so their hub files and transformers 5 use the in-memory names. Each part's possible file prefixes: trying
+# all of them lets any adapter naming meet any base naming.
 _QWEN_VL_PREFIXES = {"llm": ("model.", "model.language_model."), "visual": ("visual.", "model.visual.")}
+_INNER_PREFIXES = ("model.language_model.", "model.visual.")
 
 
 def qwen_vl_file_key(name: str, file_keys: set[str] | dict) -> str | None:
@@ -75,8 +81,17 @@ def qwen_vl_file_key(name: str, file_keys: set[str] | dict) -> str | None:
 
 
 def qwen_vl_layout(file_keys) -> str:
-    inner = any(k.startswith(("model.language_model.", "model.visual.")) for k in file_keys)
-    return "in-memory names (transformers 4.52-4.57)" if inner else "hub names (model.*, visual.*)"
+    """Qwen2-VL / Qwen2.5-VL: which of the two names this family's files have had."""
+    if any(k.startswith(_INNER_PREFIXES) for k in file_keys):
+        return "in-memory names (model.language_model.*, model.visual.*: transformers 4.52-4.57)"
+    return "hub names (model.*, visual.*)"
+
+
+def qwen3_layout(file_keys) -> str:
+    """Qwen3-VL / Qwen3.5 (+ MoE): the hub's names are the in-memory ones; the short ones were never written."""
+    if any(k.startswith(_INNER_PREFIXES) for k in file_keys):
+        return "hub names (model.language_model.*, model.visual.*, as in memory)"
+    return "short names (model.*, visual.*; not how the hub or transformers write this family)"
 
 
 class KeyLayout(NamedTuple):
@@ -84,9 +99,13 @@ class KeyLayout(NamedTuple):
     describe: Callable[[set], str]
 
 
-# By config.json's model_type. Qwen2-VL has Qwen2.5-VL's module structure and naming history.
-KEY_LAYOUTS = {"qwen2_5_vl": KeyLayout(qwen_vl_file_key, qwen_vl_layout),
-               "qwen2_vl": KeyLayout(qwen_vl_file_key, qwen_vl_layout)}
+# By vlora family (vlora.families.NAMES): the family module says which model_types it covers (a MoE variant's files
+# name their attention, vision tower and mergers as the dense model's do), this table only how its files are named.
+# Tensors no adapter names (Qwen3.5's mtp.* layers, MoE experts and routers) need no name: they are copied as stored.
+KEY_LAYOUTS = {"qwen2_vl": KeyLayout(qwen_vl_file_key, qwen_vl_layout),
+               "qwen2_5_vl": KeyLayout(qwen_vl_file_key, qwen_vl_layout),
+               "qwen3_vl": KeyLayout(qwen_vl_file_key, qwen3_layout),
+               "qwen3_5": KeyLayout(qwen_vl_file_key, qwen3_layout)}
 
 
 # ---- inputs ----
@@ -125,7 +144,9 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config = read_json(adapter_dir / ADAPTER_CONFIG)
     if config.get("peft_type") != "LORA":
         raise VloraError(f"adapter '{adapter_dir}' is peft_type {config.get('peft_type')}; only LORA is exported")
-    for flag in ("fan_in_fan_out", "lora_bias", "layer_replication", "trainable_token_indices"):
+    # target_parameters: LoRA on raw parameters (peft's ParamWrapper, e.g. MoE experts), whose delta is per expert
+    # and transposed in hub files; vlora never trains it, and a W + sBA merge would be wrong.
+    for flag in ("fan_in_fan_out", "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters"):
         if config.get(flag):
             raise VloraError(f"adapter '{adapter_dir}' sets {flag}, which vlora export does not handle")
     return config, load_file(adapter_dir / ADAPTER_WEIGHTS)
@@ -185,11 +206,17 @@ def base_shards(base_dir: Path) -> tuple[dict[str, str], dict | None]:
 
 
 def key_layout(base_config: dict) -> KeyLayout:
-    model_type = base_config.get("model_type")
-    if model_type not in KEY_LAYOUTS:
-        raise VloraError(f"base model_type '{model_type}' has no tensor-name layout in vlora.export.KEY_LAYOUTS "
+    """The base's tensor-name layout, found through its family (vlora.families knows every model_type)."""
+    from vlora import families
+
+    try:
+        family = families.of_config(base_config)  # every model_type a family covers (MoE variants too)
+    except VloraError as e:  # an unknown model_type: the message names the known families
+        raise VloraError(f"base {e}") from None
+    if family.name not in KEY_LAYOUTS:
+        raise VloraError(f"model family '{family.name}' has no tensor-name layout in vlora.export.KEY_LAYOUTS "
                          f"(known: {', '.join(KEY_LAYOUTS)})")
-    return KEY_LAYOUTS[model_type]
+    return KEY_LAYOUTS[family.name]
 
 
 def config_dtype(base_config: dict) -> torch.dtype:
@@ -299,6 +326,8 @@ def write_merged(base_dir: Path, out_dir: Path, plan: dict[str, Op], shard_of: d
                 to = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
                 if key in plan:
                     tensor = merged_tensor(plan[key], tensor, key)
+                # Every other tensor (frozen weights, Qwen3.5's mtp.* layers that loading skips, MoE experts in
+                # whatever layout the file has) is written as read: under `auto`, the same bytes.
                 out[key] = tensor.to(to).contiguous()
         (out_dir / shard).parent.mkdir(parents=True, exist_ok=True)
         save_file(out, out_dir / shard, metadata={"format": "pt"})

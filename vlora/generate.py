@@ -83,7 +83,7 @@ class Answerer:
         texts, images = [], []
         for r in requests:
             texts.append(self.processor.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True))
-            images += self.images.load_images(r.messages, r.images)
+            images += self.images.load_images(r.messages, r.images)[0]
         return self.processor(text=texts, images=images or None, do_resize=False, padding=True, padding_side="left",
                               return_tensors="pt")
 
@@ -188,7 +188,7 @@ def batches_longest_first(idx: list[int], requests: list[Request], batch_size: i
 def load_for_inference(base: str, adapters: dict[str, str], *, quant: str = "nf4", dtype: str = "auto",
                        device: str | None = None):
     """(model, processor): the base (4-bit LLM linears, or unquantized) with every adapter loaded under its name."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vlora.model import four_bit_config
 
@@ -196,8 +196,8 @@ def load_for_inference(base: str, adapters: dict[str, str], *, quant: str = "nf4
     torch_dtype = resolve_dtype(dtype, dev)
     qcfg = None if quant == "none" else four_bit_config(quant, torch_dtype)  # as in training
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, dtype=torch_dtype, quantization_config=qcfg,
-                                                                   device_map={"": dev})
+        model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch_dtype, quantization_config=qcfg,
+                                                            device_map={"": dev})
         processor = AutoProcessor.from_pretrained(base)
     except (OSError, ValueError) as e:
         raise VloraError(f"cannot load base model '{base}': {str(e).strip().splitlines()[0]}") from None

@@ -1,8 +1,10 @@
-"""The model: a Qwen2.5-VL base (4-bit LLM linears via bitsandbytes, or unquantized), LoRA via peft, adapter I/O.
+"""The model: a Qwen-VL base of any family in vlora.families (4-bit LLM linears via bitsandbytes, or unquantized),
+LoRA via peft, adapter I/O.
 
-LoRA goes where `lora.targets` says, by component group (llm_attn, llm_mlp, merger, vision_attn, vision_mlp), with
-per-group rank and alpha; `model.freeze_*` (checked in config.validate) keep whole components free of anything
-trainable; `lora.train_merger_fully` trains the projector's own weights through peft's modules_to_save.
+LoRA goes where `lora.targets` says, by component group (llm_attn, llm_mlp, merger, vision_attn, vision_mlp; each
+family names the modules), with per-group rank and alpha; `model.freeze_*` (checked in config.validate) keep whole
+components free of anything trainable; `lora.train_merger_fully` trains the projector's own weights (Qwen3-VL: its
+DeepStack mergers too) through peft's modules_to_save.
 
 Speed habits that live here: the vision tower and lm_head stay unquantized and frozen, no frozen module is up-cast
 to fp32 (no `prepare_model_for_kbit_training`), a frozen vision tower records no autograd graph (also with
@@ -20,29 +22,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlora import families
 from vlora.config import Config, group_values, looks_like_hub_id
 from vlora.errors import VloraError
 
-# LoRA component groups (config.LORA_GROUPS) as regexes over module names relative to the transformers model.
-# peft full-matches a string `target_modules` against each module's name, and matches rank/alpha pattern keys as
-# `(.*\.)?(KEY)$`, so one anchored regex per group serves both. The vision blocks have gate/up/down_proj too:
-# the LLM patterns are anchored on `language_model`, the vision ones on `visual.blocks`.
-TARGET_PATTERNS = {
-    "llm_attn": r".*\.language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
-    "llm_mlp": r".*\.language_model\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)",
-    "merger": r".*\.visual\.merger\.mlp\.(0|2)",
-    "vision_attn": r".*\.visual\.blocks\.\d+\.attn\.(qkv|proj)",
-    "vision_mlp": r".*\.visual\.blocks\.\d+\.mlp\.(gate_proj|up_proj|down_proj)",
-}
-# peft wraps a module whose name ends with this in a ModulesToSaveWrapper (lora.train_merger_fully).
-MERGER_MODULE = "visual.merger"
+# LoRA component groups (config.LORA_GROUPS) as regexes over module names relative to the transformers model, per
+# family (vlora/families). peft full-matches a string `target_modules` against each module's name, and matches
+# rank/alpha pattern keys as `(.*\.)?(KEY)$`, so one anchored regex per group serves both. TARGET_PATTERNS joins
+# every family's, so that a tensor name alone tells its group (the families' module names do not collide).
+TARGET_PATTERNS = families.all_targets()
+# A projector module (the merger, Qwen3-VL's DeepStack mergers) inside a parameter name.
+_MERGER_PARAM = re.compile(rf"\.visual\.(?:{families.all_mergers()})\.")
 # Kept in the compute dtype: quantizing the vision tower saves little memory and costs accuracy and speed,
 # and a 4-bit lm_head would quantize the one layer every logit goes through.
 UNQUANTIZED_MODULES = ["model.visual", "lm_head"]
 
 
-def target_regex(targets: list[str]) -> str:
-    return "|".join(f"(?:{TARGET_PATTERNS[t]})" for t in targets)
+def target_regex(targets: list[str], family: families.Family) -> str:
+    return "|".join(f"(?:{family.lora_targets[t]})" for t in targets)
+
+
+def merger_modules(visual: nn.Module) -> list[str]:
+    """The projector modules peft's modules_to_save trains whole (lora.train_merger_fully): the merger, and each of
+    Qwen3-VL's DeepStack mergers (peft cannot wrap the ModuleList that holds them, only each one)."""
+    deepstack = getattr(visual, "deepstack_merger_list", ())
+    return ["visual.merger"] + [f"visual.deepstack_merger_list.{i}" for i in range(len(deepstack))]
 
 
 def _load_error(path: str, err: Exception) -> VloraError:
@@ -67,7 +71,7 @@ def unquantized_modules(cfg: Config) -> list[str]:
     The merger stays unquantized either way: it is small, and lora.train_merger_fully trains its weights.
     """
     if cfg.model.quantize_vision:
-        return ["model.visual.merger", "lm_head"]
+        return ["model.visual.merger", "model.visual.deepstack_merger_list", "lm_head"]
     return list(UNQUANTIZED_MODULES)
 
 
@@ -99,14 +103,15 @@ def four_bit_config(quant: str, compute_dtype: torch.dtype, *, double_quant: boo
 def load_base_model(cfg: Config, device: torch.device, compute_dtype: torch.dtype,
                     quant_storage: torch.dtype | None = None) -> nn.Module:
     """The frozen base exactly as a user would load it with transformers, on this rank's device."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
     from transformers.integrations import is_deepspeed_zero3_enabled
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-weight loading bar on every rank drowns the log
     path = cfg.model.path
+    families.of_model_path(path)  # a model_type vlora has no family for is refused here, in one line
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model = AutoModelForImageTextToText.from_pretrained(
             path,
             dtype=compute_dtype,
             quantization_config=quantization_config(cfg, compute_dtype, quant_storage),
@@ -144,8 +149,8 @@ def keep_training_layout(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_config(cfg: Config):
-    """peft's LoraConfig for the configured groups.
+def lora_config(cfg: Config, family: families.Family, visual: nn.Module):
+    """peft's LoraConfig for the configured groups of `family`'s modules (`visual`: the model's vision tower).
 
     One regex over all targeted groups; per-group rank and alpha through `rank_pattern` / `alpha_pattern`, keyed by
     the same group regexes (disjoint, so peft's first-match lookup cannot pick the wrong group). All of it lands in
@@ -163,12 +168,12 @@ def lora_config(cfg: Config):
         lora_dropout=cfg.lora.dropout,
         # No LoRA group at all (a projector-only stage with lora.train_merger_fully): peft refuses a config that
         # adapts nothing, except under its own placeholder name, which plain peft also accepts on loading.
-        target_modules=target_regex(targets) if targets else DUMMY_TARGET_MODULES,
-        rank_pattern={TARGET_PATTERNS[g]: r for g, r in ranks.items()},
-        alpha_pattern={TARGET_PATTERNS[g]: a for g, a in alphas.items()},
+        target_modules=target_regex(targets, family) if targets else DUMMY_TARGET_MODULES,
+        rank_pattern={family.lora_targets[g]: r for g, r in ranks.items()},
+        alpha_pattern={family.lora_targets[g]: a for g, a in alphas.items()},
         use_rslora=cfg.lora.rslora,
         use_dora=cfg.lora.dora,
-        modules_to_save=[MERGER_MODULE] if cfg.lora.train_merger_fully else None,
+        modules_to_save=merger_modules(visual) if cfg.lora.train_merger_fully else None,
         bias="none",
     )
 
@@ -177,15 +182,18 @@ def apply_lora(base: nn.Module, cfg: Config) -> nn.Module:
     """Wrap the base in peft LoRA adapters at the configured component groups; what trains is kept in fp32."""
     from peft import get_peft_model
 
+    family = families.of_config(base.config)
     with warnings.catch_warnings():
         # peft 0.21 asks transformers 5 for a renamed attribute; the deprecation notice is peft's to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(base, lora_config(cfg), autocast_adapter_dtype=True)
+        model = get_peft_model(base, lora_config(cfg, family, base.model.visual), autocast_adapter_dtype=True)
+    check_groups_found(model, cfg, family)
     if cfg.lora.train_merger_fully:
         # peft trains a copy of the merger in the base dtype; with bf16 weights AdamW's small updates round away.
-        # The copy is tiny, so it trains in fp32 (transformers casts the image features to the text dtype).
-        for copy in base.model.visual.merger.modules_to_save.values():
-            copy.float()
+        # The copies are tiny, so they train in fp32 (transformers casts the image features to the text dtype).
+        for name in merger_modules(base.model.visual):
+            for copy in base.model.get_submodule(name).modules_to_save.values():
+                copy.float()
     set_gradient_checkpointing(base, cfg.model.gradient_checkpointing)
     return model
 
@@ -213,19 +221,39 @@ def set_gradient_checkpointing(base: nn.Module, enabled: bool) -> None:
     base.disable_input_require_grads()
 
 
+def check_groups_found(peft_model: nn.Module, cfg: Config, family: families.Family) -> None:
+    """Refuse, in one line, a LoRA group that found no module in this model (it would silently train nothing):
+    a MoE model's llm_mlp, whose experts are 3-D parameters and no Linear modules."""
+    from peft.tuners.lora import LoraLayer
+
+    found = {module_group(n) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    for group in dict.fromkeys(cfg.lora.targets):
+        if group not in found:
+            moe = getattr(peft_model.get_base_model().config.get_text_config(), "num_experts", 0)
+            why = (f"this {family.title} MoE model's experts are 3-D parameters, which neither LoRA nor 4-bit reach "
+                   "(they stay frozen in the compute dtype)" if moe and group == "llm_mlp"
+                   else f"no module of this {family.title} model matches {family.lora_targets[group]}")
+            raise VloraError(f"lora.targets {group}: {why}; drop it from lora.targets")
+
+
 def weight_group(name: str) -> str:
     """The LoRA group of a parameter name or saved adapter key; `merger_full` for lora.train_merger_fully weights."""
-    if "lora_" not in name and f".{MERGER_MODULE}." in name:
+    if "lora_" not in name and _MERGER_PARAM.search(name):
         return "merger_full"
     for group, pattern in TARGET_PATTERNS.items():
-        if re.match(pattern + r"\.", name):
+        if re.match(rf"(?:{pattern})\.", name):
             return group
     return "other"
 
 
+def module_group(name: str) -> str:
+    """The LoRA group of a module name (LoRA layers are full matches of their group's regex)."""
+    return next((group for group, pattern in TARGET_PATTERNS.items() if re.fullmatch(pattern, name)), "other")
+
+
 def param_component(name: str) -> str:
     """llm | merger | vision: the component (freeze switch, learning-rate multiplier) a parameter belongs to."""
-    if f".{MERGER_MODULE}." in name:
+    if _MERGER_PARAM.search(name):
         return "merger"
     if ".visual." in name:
         return "vision"
@@ -240,7 +268,7 @@ def describe_lora(peft_model: nn.Module) -> list[str]:
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer):
             a = module.active_adapters[0]
-            groups.setdefault(weight_group(name + "."), []).append(
+            groups.setdefault(module_group(name), []).append(
                 (module.r[a], module.lora_alpha[a], module.scaling[a], module.use_dora.get(a, False)))
     lines = []
     for group in TARGET_PATTERNS:
@@ -311,6 +339,7 @@ def build_model(cfg: Config, device: torch.device, compute_dtype: torch.dtype,
 
     if cfg.model.liger and (why := liger_available()):  # said before minutes of loading, not after
         raise VloraError(f"model.liger=true but Liger's kernels cannot run here: {why}; set model.liger=false")
+    check_packing(cfg, families.of_model_path(cfg.model.path))
     model = apply_lora(load_base_model(cfg, device, compute_dtype, quant_storage), cfg)
     for line in describe_lora(model):
         log.info(line)
@@ -323,6 +352,26 @@ def build_model(cfg: Config, device: torch.device, compute_dtype: torch.dtype,
         log.info("lora.init_from %s: loaded %s; new, at their init: %s", cfg.lora.init_from, fmt(report["loaded"]),
                  fmt(report["new"]))
     return model
+
+
+LINEAR_ATTENTION_KERNELS = {"fla": "flash-linear-attention", "causal_conv1d": "causal-conv1d"}
+
+
+def check_packing(cfg: Config, family: families.Family) -> None:
+    """Refuse data.pack_length where packed samples would leak into each other: a linear-attention (Qwen3.5) model
+    without the fused kernels. transformers' torch fallback runs the Gated DeltaNet recurrence and its causal
+    convolution over the whole row and carries each sample's state into the next; only the kernels take the
+    boundaries (cu_seq_lens_q, seq_idx), and they need a CUDA device."""
+    import importlib.util
+
+    if not (family.linear_attention and cfg.data.pack_length > 0):
+        return
+    missing = [pkg for mod, pkg in LINEAR_ATTENTION_KERNELS.items() if importlib.util.find_spec(mod) is None]
+    if missing or not torch.cuda.is_available():
+        why = f"{' and '.join(missing)} not installed" if missing else "no CUDA device"
+        raise VloraError(f"data.pack_length: {family.title}'s linear-attention layers keep packed samples apart only "
+                         f"with the fused kernels of flash-linear-attention and causal-conv1d ({why}); without them "
+                         "state leaks from one sample into the next: set data.pack_length=0 or install them")
 
 
 def check_all_trainable_get_grads(loss_model: nn.Module, batch: dict[str, torch.Tensor]):
@@ -346,6 +395,10 @@ def check_all_trainable_get_grads(loss_model: nn.Module, batch: dict[str, torch.
         raise VloraError(f"{len(missing)} trainable tensor(s) got no gradient and {len(zero)} an all-zero one, "
                          f"e.g. {(missing or zero)[0]}")
     return loss.detach(), grads
+
+
+# A packed linear-attention batch's sample boundaries (Collator(boundaries=True)), for the fused kernels.
+BOUNDARY_KEYS = ("cu_seq_lens_q", "seq_idx")
 
 
 class SupervisedLoss(nn.Module):
@@ -404,6 +457,7 @@ class SupervisedLoss(nn.Module):
                 pixel_values=batch.get("pixel_values"),
                 image_grid_thw=batch.get("image_grid_thw"),
                 use_cache=False,
+                **{k: batch[k] for k in BOUNDARY_KEYS if k in batch},
             ).last_hidden_state
         finally:
             if idle_hook is not None:
@@ -446,7 +500,9 @@ class SupervisedLoss(nn.Module):
         grid = torch.tensor([[1, merge, merge]], device=like.device)
         pixels = torch.zeros(merge * merge, channels * temporal * patch * patch, device=like.device,
                              dtype=visual.dtype)
-        return visual(pixels, grid_thw=grid).pooler_output.sum()
+        out = visual(pixels, grid_thw=grid)
+        # Qwen3-VL's DeepStack mergers run on features of inner blocks and leave the tower beside pooler_output.
+        return sum((f.sum() for f in getattr(out, "deepstack_features", None) or ()), out.pooler_output.sum())
 
 
 @torch.no_grad()

@@ -71,18 +71,33 @@ def check_data(cfg: Config, world_size: int) -> None:
         if not is_remote(cfg.data.val) and not Path(cfg.data.val).is_dir():
             raise VloraError(f"data.val shard folder '{cfg.data.val}' does not exist; run `make shards` or `vlora pack`")
         folders.append(cfg.data.val)
+    factor = resize_factor(cfg.model.path)
     for folder in folders:
-        check_packed_pixels(cfg.data, folder, read_manifest(folder).get("checks", {}))
+        check_packed_pixels(cfg.data, folder, read_manifest(folder).get("checks", {}), factor)
 
 
-def check_packed_pixels(data: DataArgs, folder: str, checks: dict) -> None:
+def resize_factor(model_path: str) -> int:
+    """Pixels per image token along a side for model.path's family; 28 when its config cannot be read here (loading
+    the model names that problem)."""
+    from vlora import families
+
+    try:
+        return families.of_model_path(model_path).resize_factor
+    except VloraError:
+        return 28
+
+
+def check_packed_pixels(data: DataArgs, folder: str, checks: dict, factor: int = 28) -> None:
     """data.max_pixels must not be below what `vlora pack` made sure every image of `folder` resizes under.
 
     Only max_pixels can break a resize (a narrow image shrunk to a zero side in a data worker); min_pixels only
-    ever enlarges. The manifest's max_pixels_floor is the smallest safe value for its images; a manifest without
-    it (an older pack) is held to the max_pixels it was checked at.
+    ever enlarges. The manifest's max_pixels_floor is the smallest safe value for its images at each resize factor
+    (an older pack's single number was computed at 28); a manifest without it (a still older pack) is held to the
+    max_pixels it was checked at.
     """
     floor = checks.get("max_pixels_floor")
+    if isinstance(floor, dict):
+        floor = floor.get(str(factor), max(floor.values(), default=0))
     if isinstance(floor, int):
         if data.max_pixels < floor:
             raise VloraError(f"data.max_pixels={data.max_pixels} is below {floor}, the least that every image in {folder} "
@@ -109,7 +124,7 @@ def check_run_folder(cfg: Config) -> None:
 
 def model_shape(cfg: Config) -> ModelShape | None:
     """The architecture in model.path's config.json: a local folder's, or a hub id's already in the local Hugging
-    Face cache (nothing is downloaded). None when there is none, or it is not a Qwen2.5-VL config (loading the
+    Face cache (nothing is downloaded). None when there is none, or it is no family vlora knows (loading the
     model names that problem)."""
     path = Path(cfg.model.path)
     if path.is_dir():

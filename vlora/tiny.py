@@ -1,21 +1,23 @@
-"""A tiny, randomly initialised Qwen2.5-VL, built locally in a few seconds.
+"""A tiny, randomly initialised Qwen-VL model of any family (vlora.families), built locally in a few seconds.
 
 Tests and the CPU demo need a checkpoint that loads exactly like a downloaded one
-(`Qwen2_5_VLForConditionalGeneration.from_pretrained`, `AutoProcessor.from_pretrained`) but nothing
-can be fetched from a model hub here, and the real vocabulary (151k ids) would make every embedding
-and lm_head dominate a toy model. So we build the whole directory ourselves:
+(`AutoModelForImageTextToText.from_pretrained`, `AutoProcessor.from_pretrained`) but nothing can be fetched from a
+model hub here, and the real vocabulary (151k ids; 248k for Qwen3.5) would make every embedding and lm_head
+dominate a toy model. So we build the whole directory ourselves:
 
-- a byte-level BPE trained with `tokenizers` on a small built-in corpus (Qwen2's pre-tokenizer,
-  about 1k ids), followed by Qwen's special tokens in Qwen's order, wrapped as `Qwen2TokenizerFast`;
-- the real Qwen2-VL chat template and image/video processors with small pixel budgets;
-- a real `Qwen2_5_VLConfig` scaled down (text and vision hidden 64, two layers each),
-  initialised under a seed and saved in float32 so the same seed gives byte-identical files.
+- a byte-level BPE trained with `tokenizers` on a small built-in corpus (about 1k ids; the family's split regex:
+  Qwen2's, or Qwen3.5's), followed by Qwen's special tokens in Qwen's order, wrapped as `Qwen2TokenizerFast`
+  (a Qwen3.5 folder reloads as `Qwen3_5Tokenizer`, with the same ids);
+- the real Qwen2-VL chat template and the family's own processor class with small pixel budgets (4 to 64 tokens);
+- the family's real config class scaled down (text and vision hidden 64, two layers each, see
+  vlora/families/<family>.py), initialised under a seed and saved in float32 so the same seed gives byte-identical
+  files.
 
-The token *ids* differ from the real Qwen2.5 ones; everything else (template, special-token
-strings, image-token expansion, module layout) is the real thing.
+The token *ids* differ from the real ones; everything else (template, special-token strings, image-token
+expansion, module layout) is the real thing.
 
-`build_bench_model` builds the other kind, for `vlora bench`: the 3B model's structure and config at toy width with
-the REAL Qwen2.5 tokenizer (151,936-row vocabulary, the hub's ids), rebuilt offline from the `bench` extra.
+`build_bench_model` builds the other kind, for `vlora bench`: the Qwen2.5-VL-3B model's structure and config at toy
+width with the REAL Qwen2.5 tokenizer (151,936-row vocabulary, the hub's ids), rebuilt offline from the `bench` extra.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ SPECIAL_TOKENS = (
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 )  # fmt: skip
 VOCAB_SIZE = 1024  # BPE ids + special tokens; also the model's vocab_size (a multiple of 64)
-MIN_PIXELS = 28 * 28 * 4  # at least 4 image tokens per image
-MAX_PIXELS = 28 * 28 * 64  # at most 64 image tokens per image (a 224x224 image)
+MIN_TOKENS, MAX_TOKENS = 4, 64  # image tokens per image in the tiny processors (64: a 224x224 image at 28 px)
+MIN_PIXELS = 28 * 28 * MIN_TOKENS  # Qwen2.5-VL's (factor 28) budgets; factor-32 families scale them
+MAX_PIXELS = 28 * 28 * MAX_TOKENS
 
 # Qwen2-VL's own chat template (Qwen2.5-VL ships the same one).
 QWEN2_VL_CHAT_TEMPLATE = (
@@ -119,11 +122,11 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer():
+def build_tokenizer(regex: str | None = None):
     """Train the byte-level BPE (deterministic: fixed corpus, single pass) and wrap it as Qwen2's tokenizer.
 
     The pipeline is exactly the one `Qwen2Tokenizer.__init__` rebuilds from vocab + merges on reload
-    (NFC, Qwen2's split regex, ByteLevel without prefix space), so the in-memory and reloaded
+    (NFC, Qwen2's split regex or `regex`, ByteLevel without prefix space), so the in-memory and reloaded
     tokenizers agree id for id.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -132,7 +135,7 @@ def build_tokenizer():
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(regex or PRETOKENIZE_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])  # fmt: skip
     bpe.decoder = decoders.ByteLevel()
@@ -147,20 +150,31 @@ def build_tokenizer():
     return _qwen_tokenizer(bpe, model_max_length=32768)
 
 
-def build_processor(tokenizer=None, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS):
-    """The stock Qwen2.5-VL processor around our tokenizer, with small pixel budgets for the tiny model.
+def build_processor(tokenizer=None, *, family: str = "qwen2_5_vl", min_pixels: int | None = None,
+                    max_pixels: int | None = None):
+    """The family's stock processor around our tokenizer, with small pixel budgets for the tiny model (by default
+    4 to 64 image tokens at the family's resize factor).
 
     In transformers 5.x the budgets live in `size={"shortest_edge": min_pixels, "longest_edge": max_pixels}`
     (the min_pixels/max_pixels kwargs are folded into it); override per call with
     `processor(..., images_kwargs={"size": {...}})` or `processor(..., size={...})`.
     """
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size),
-        tokenizer=tokenizer if tokenizer is not None else build_tokenizer(),
-        video_processor=Qwen2VLVideoProcessor(size=size),
+    from vlora import families
+
+    fam = families.get(family)
+    f = fam.resize_factor
+    size = {"shortest_edge": min_pixels or f * f * MIN_TOKENS, "longest_edge": max_pixels or f * f * MAX_TOKENS}
+    patch = dict(patch_size=fam.patch_size, merge_size=families.MERGE, temporal_patch_size=2)
+    norm = dict(image_mean=list(fam.image_mean), image_std=list(fam.image_mean)) if fam.image_mean else {}
+    video = (Qwen2VLVideoProcessor(size=size) if fam.patch_size == 14
+             else transformers.Qwen3VLVideoProcessor(size=size, **patch, **norm))
+    return getattr(transformers, fam.processor_class)(
+        image_processor=Qwen2VLImageProcessor(size=size, **patch, **norm),
+        tokenizer=tokenizer if tokenizer is not None else build_tokenizer(fam.pretokenize_regex),
+        video_processor=video,
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
 
@@ -179,66 +193,52 @@ LM_HEAD_STD = 0.4
 ROPE_THETA = 10.0
 
 
-def build_config(tokenizer, rope_theta: float = ROPE_THETA):
-    """A real Qwen2.5-VL config at toy scale; the special-token ids come from `tokenizer`."""
-    from transformers import Qwen2_5_VLConfig
+def vocab_size(tokenizer) -> int:
+    return -(-len(tokenizer) // 64) * 64  # a multiple of 64, as the real models pad theirs
+
+
+def build_config(tokenizer, rope_theta: float = ROPE_THETA, family: str = "qwen2_5_vl"):
+    """The family's real config at toy scale (vlora/families/<family>.py); special-token ids from `tokenizer`."""
+    from vlora import families
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = -(-len(tokenizer) // 64) * 64
-    text = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768,
-        rms_norm_eps=1e-6, use_sliding_window=False, max_window_layers=2, attention_dropout=0.0,
-        # head_dim 16 -> 8 rotary frequencies split over (temporal, height, width), like Qwen's [16, 24, 24]
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": [2, 3, 3]},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        initializer_range=INIT_RANGE,
-    )  # fmt: skip
-    # Vision widths are multiples of 64: bitsandbytes' CPU 4-bit kernel needs in_features >= its blocksize
-    # (64), so a 32-wide tower crashes on the CPU if it is quantized (the real 1280-wide one does not).
-    vision = dict(
-        depth=2, hidden_size=64, intermediate_size=128, num_heads=2, hidden_act="silu", in_channels=3,
-        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2,
-        window_size=112, fullatt_block_indexes=[1], out_hidden_size=64, initializer_range=INIT_RANGE,
-    )  # fmt: skip
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-        initializer_range=INIT_RANGE,
-        dtype="float32",
-    )
+    spec = families.TinySpec(ids=ids, vocab_size=vocab_size(tokenizer), rope_theta=rope_theta, init_range=INIT_RANGE)
+    return families.get(family).tiny_config(spec)
+
+
+def model_class(config):
+    """The ...ForConditionalGeneration class of `config`, as AutoModelForImageTextToText picks it."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText._model_mapping[type(config)]
 
 
 def init_model(config, *, seed: int = 0, lm_head_std: float = LM_HEAD_STD):
     """Random float32 weights for `config`, a pure function of `seed` (the caller's torch RNG is left alone)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+        model = model_class(config)(config).to(torch.float32).eval()
         with torch.no_grad():
             model.lm_head.weight.normal_(0.0, lm_head_std)
         return model
 
 
-def build_tiny_model(out_dir: str | Path, *, seed: int = 0, lm_head_std: float = LM_HEAD_STD,
-                     rope_theta: float = ROPE_THETA) -> Path:
-    """Write a random-init tiny Qwen2.5-VL checkpoint (model + processor + README) to `out_dir`.
+def build_tiny_model(out_dir: str | Path, *, family: str = "qwen2_5_vl", seed: int = 0,
+                     lm_head_std: float = LM_HEAD_STD, rope_theta: float = ROPE_THETA) -> Path:
+    """Write a random-init tiny model of `family` (model + processor + README) to `out_dir`.
 
     The same `seed` gives byte-identical `model.safetensors` and tokenizer files. Returns the directory.
     """
-    processor = build_processor()
+    from vlora import families
+
+    fam = families.get(family)
+    processor = build_processor(family=fam.name)
     tok = processor.tokenizer
-    model = init_model(build_config(tok, rope_theta), seed=seed, lm_head_std=lm_head_std)
+    model = init_model(build_config(tok, rope_theta, fam.name), seed=seed, lm_head_std=lm_head_std)
     n_params = sum(p.numel() for p in model.parameters())
     return _save(model, processor, out_dir, (
-        "# tiny-qwen2.5-vl (random weights)\n\n"
-        f"A randomly initialised Qwen2.5-VL ({n_params:,} parameters, seed {seed}) built locally by\n"
+        f"# tiny-{fam.dashed} (random weights)\n\n"
+        f"A randomly initialised {fam.title} ({n_params:,} parameters, seed {seed}) built locally by\n"
         "`vlora.tiny.build_tiny_model` for tests and the CPU demo. Its tokenizer is a toy byte-level\n"
         f"BPE ({len(tok)} ids) with Qwen's special tokens; its outputs are meaningless.\n"
     ))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import io
 import json
 import logging
@@ -43,11 +44,12 @@ def sample_images(sample: dict) -> list[bytes]:
 
 
 def mrope_positions(token_types: torch.Tensor, image_grid_thw: torch.Tensor | None, merge: int) -> torch.Tensor:
-    """Qwen2.5-VL's 3-D RoPE positions (temporal, height, width) for ONE unpadded sample, shape (3, L).
+    """Qwen-VL's 3-D RoPE positions (temporal, height, width) for ONE unpadded sample, shape (3, L).
 
     Text tokens count up on all three axes; an image's tokens take (t, row, col) offsets from the position where
-    the image starts, and text after it resumes at start + max(rows, cols). Same result as the model's
-    `get_rope_index` (tested), computed per sample so that padding and packing cannot shift it.
+    the image starts, and text after it resumes at start + max(rows, cols). Same result as every family's own
+    `get_rope_index` for images (tested per family; they differ only for video), computed per sample so that padding
+    and packing cannot shift it, and about 6x faster.
     """
     length = token_types.numel()
     pos = torch.empty(3, length, dtype=torch.long)
@@ -86,11 +88,18 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 class Collator:
-    """Encodes single samples (`encode`) and pads (or, with `pack_length`, packs) a list of them into a batch."""
+    """Encodes single samples (`encode`) and pads (or, with `pack_length`, packs) a list of them into a batch.
+
+    `boxes`: the family's grounding convention (vlora.data.grounding): boxes stored in original pixels are rewritten
+    for the model once the resize is known; None leaves text as it is. `boundaries`: packed samples go into ONE row
+    with `cu_seq_lens_q` and `seq_idx`, which the fused linear-attention kernels (Qwen3.5) need to keep them apart.
+    """
 
     def __init__(self, processor, *, min_pixels: int, max_pixels: int, max_length: int, train_on: str = "assistant",
-                 pixel_dtype: torch.dtype = torch.float32, pack_length: int = 0):
+                 pixel_dtype: torch.dtype = torch.float32, pack_length: int = 0, boxes: str | None = None,
+                 boundaries: bool = False):
         self.processor = processor
+        self.boxes, self.boundaries = boxes, boundaries
         self.pixel_dtype = pixel_dtype  # the vision tower's dtype: cast here, in the worker, not after the copy
         self.pack_length = pack_length  # 0: one sample per row, padded to the longest
         self.tok = processor.tokenizer
@@ -108,11 +117,13 @@ class Collator:
         assert all(h[0] == self.im_start for h in self.headers), "a turn header must start with <|im_start|>"
         self.pad_id = self.tok.pad_token_id
         self.merge = processor.image_processor.merge_size
+        self.patch = processor.image_processor.patch_size  # 14 or 16: images resize to multiples of patch x merge
 
-    def load_images(self, messages: list[dict], blobs: list[bytes]) -> list[Image.Image]:
+    def load_images(self, messages: list[dict], blobs: list[bytes]) -> tuple[list[Image.Image], list[tuple[int, int]]]:
+        """The images resized as the model sees them, and their original (width, height)."""
         from qwen_vl_utils import fetch_image
 
-        images = []
+        images, originals = [], []
         # PIL's decompression-bomb limit is off while decoding: `vlora pack` already checked every image against
         # --max-image-pixels (which may be above PIL's default), so an image it accepted must not raise
         # DecompressionBombError here, in a data worker, mid-training. Restored after, as it is process-wide.
@@ -124,10 +135,11 @@ class Collator:
                 # A per-image limit wins over the run's, also when it asks for fewer pixels than the run's minimum.
                 spec["min_pixels"] = min(spec["min_pixels"], spec["max_pixels"])
                 spec["image"] = Image.open(io.BytesIO(blob))
-                images.append(fetch_image(spec))
+                originals.append(spec["image"].size)
+                images.append(fetch_image(spec, image_patch_size=self.patch))
         finally:
             Image.MAX_IMAGE_PIXELS = limit
-        return images
+        return images, originals
 
     def label_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """True on the tokens that carry loss: each supervised turn's content and the <|im_end|> that closes it."""
@@ -154,7 +166,16 @@ class Collator:
         """One shard sample -> tensors of one unpadded sequence; None (counted, logged) if it does not fit."""
         meta = json.loads(sample["json"])
         messages = meta["messages"]
-        images = self.load_images(messages, sample_images(sample))
+        images, originals = self.load_images(messages, sample_images(sample))
+        if self.boxes:
+            from vlora.data.formats import RecordError
+            from vlora.data.grounding import convert_boxes
+
+            try:
+                messages = convert_boxes(messages, originals, [im.size for im in images], self.boxes)
+            except RecordError as e:  # shards packed before boxes were checked: skip, never train on a wrong box
+                log.warning("skipping sample %s: %s", sample.get("__key__"), e)
+                return None
         text = self.processor.apply_chat_template(messages, tokenize=False)
         # No mm_token_type_ids: training passes its own 3-D positions (below), and the processor's per-token loop
         # would be a fifth of this function's time.
@@ -211,7 +232,8 @@ class Collator:
         causally within each sequence only, for sdpa and eager alike. `spans[i]` = (row, start, length) of `keys[i]`.
         """
         lengths = [x["input_ids"].numel() for x in items]
-        rows = first_fit(lengths, self.pack_length)
+        # The linear-attention kernels take boundaries for one row only: there every sample shares it.
+        rows = [list(range(len(items)))] if self.boundaries else first_fit(lengths, self.pack_length)
         n, length = len(rows), max(sum(lengths[i] for i in row) for row in rows)
         batch = {
             "input_ids": torch.full((n, length), self.pad_id, dtype=torch.long),
@@ -235,6 +257,10 @@ class Collator:
             # The row's padding restarts at 0 as well: a sequence of its own, which no real token attends to.
             batch["position_ids"][:, r, start:] = torch.arange(length - start)
         batch["spans"] = spans
+        if self.boundaries:  # one row, no padding: the sample boundaries as the fused kernels take them
+            batch["cu_seq_lens_q"] = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+            batch["seq_idx"] = torch.repeat_interleave(torch.arange(len(items), dtype=torch.int32),
+                                                       torch.tensor(lengths))[None]
         # The model scatters image features into the <|image_pad|> tokens in row-major order: images follow it.
         return self.finish(batch, items, row_major=[items[i] for row in rows for i in row], empty=empty)
 

@@ -64,6 +64,7 @@ from typing import Callable, Iterator
 from PIL import Image
 from webdataset import TarWriter
 
+from vlora.data.grounding import check_boxes
 from vlora.data.formats import BOM, Record, RecordError, UnknownFormat, read_annotations
 from vlora.data.manifest import FORMAT, MANIFEST, write_manifest
 from vlora.errors import VloraError
@@ -97,7 +98,8 @@ class PackSummary:
 
     read: int = 0
     written: int = 0
-    max_pixels_floor: int = 0  # the largest max_pixels_floor of the written images: data.max_pixels must reach it
+    # per resize factor, the largest max_pixels_floor of the written images: data.max_pixels must reach it
+    max_pixels_floor: dict = field(default_factory=lambda: dict.fromkeys(RESIZE_FACTORS, 0))
     rejected: int = 0
     shards: int = 0
     rejects_by_reason: dict = field(default_factory=dict)
@@ -274,6 +276,9 @@ def read_image(ref: Path | str, i: int, max_bytes: int = MAX_IMAGE_BYTES) -> tup
 
 
 QWEN_FACTOR = 28  # Qwen2.5-VL's patch (14) x spatial merge (2): one image token per 28 x 28 pixels
+# Every family's resize factor (vlora.families: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL/3.5; tests hold them equal).
+# A pack without --model does not know which family will train on it: the manifest's pixel floor is kept per factor.
+RESIZE_FACTORS = (28, 32)
 
 
 def resized_size(entry: dict, width: int, height: int, *, min_pixels: int, max_pixels: int,
@@ -348,6 +353,7 @@ class Checker:
         self.max_image_pixels, self.min_pixels, self.max_pixels = max_image_pixels, min_pixels, max_pixels
         self.max_image_bytes = max_image_bytes
         self.max_tokens, self.counter = max_tokens, counter
+        self.factor = counter.factor if counter is not None else QWEN_FACTOR  # the --model's family, else 28
 
     def __call__(self, sample: dict | None):
         """[(bytes, extension, width, height) per image] or the RecordError; None for a record already rejected."""
@@ -364,10 +370,13 @@ class Checker:
                 _, _, w, h = seen[ref]
                 # Only per-image sizes or a very narrow image can fail to resize: skipping the others spares
                 # importing qwen_vl_utils (and torchvision with it, ~1.5 s) on most runs.
-                if len(part) > 1 or min(w, h) * self.max_pixels < 2 * QWEN_FACTOR**2 * max(w, h):
-                    resized_size(part, w, h, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+                if len(part) > 1 or min(w, h) * self.max_pixels < 2 * self.factor**2 * max(w, h):
+                    resized_size(part, w, h, min_pixels=self.min_pixels, max_pixels=self.max_pixels, factor=self.factor)
             images = [seen[ref] for ref in sample["images"]]
             sizes = [{"width": w, "height": h} for _, _, w, h in images]
+            # Boxes and points stay in the original image's pixels here (each family's convention is applied in
+            # training, vlora.data.grounding): they must lie on their image.
+            check_boxes(sample["messages"], [(w, h) for _, _, w, h in images])
             if self.counter is not None and (n := self.counter.count(sample["messages"], sizes)) > self.max_tokens:
                 raise RecordError("too_many_tokens", f"{n} tokens (images at min_pixels {self.min_pixels}, max_pixels {self.max_pixels}) "
                                                      f"> --max-tokens {self.max_tokens}; shorten it, lower --max-pixels or raise the limit")
@@ -707,7 +716,7 @@ def _make_checker(max_image_pixels: int, max_image_bytes: int, min_pixels: int, 
     counter = None
     if max_tokens is not None:
         if model is None or not (Path(model) / "config.json").is_file():
-            raise VloraError(f"--max-tokens needs --model, a local Qwen2.5-VL folder (with config.json); got {model}")
+            raise VloraError(f"--max-tokens needs --model, a local model folder (with config.json); got {model}")
         counter = TokenCounter(str(model), min_pixels=min_pixels, max_pixels=max_pixels)
     return Checker(max_image_pixels=max_image_pixels, min_pixels=min_pixels, max_pixels=max_pixels,
                    max_tokens=max_tokens, counter=counter, max_image_bytes=max_image_bytes)
@@ -758,8 +767,9 @@ class _Taker:
                 s.first_rejects.append(reject)
             return
         parts = [p for m in rec.sample["messages"] for p in m["content"] if p["type"] == "image"]
-        floors = [max_pixels_floor(p, z["width"], z["height"]) for p, z in zip(parts, sizes)]
-        s.max_pixels_floor = max([s.max_pixels_floor, *floors])
+        for f in RESIZE_FACTORS:
+            floors = [max_pixels_floor(p, z["width"], z["height"], f) for p, z in zip(parts, sizes)]
+            s.max_pixels_floor[f] = max([s.max_pixels_floor[f], *floors])
         meta = {"messages": rec.sample["messages"], "source": {"file": name, "index": rec.index, **line}, "images": sizes}
         if (task := rec.sample.get("task")) is not None:  # absent, not null: task-free shards stay byte-identical
             meta["task"] = task
@@ -789,10 +799,10 @@ def _manifest(s: PackSummary, stats: list[dict], shards: list[dict], checks: dic
         "shards": shards,
         "sources": stats,
         "skipped": s.skipped,
-        # max_pixels_floor: a training run's data.max_pixels below it could resize an image here to a zero side
-        # (preflight's check_packed_pixels refuses that); it may lie far below max_pixels, which the images were
-        # checked at.
-        "checks": {**checks, "max_pixels_floor": s.max_pixels_floor}
+        # max_pixels_floor, per resize factor: a training run's data.max_pixels below it could resize an image here
+        # to a zero side (preflight's check_packed_pixels refuses that); it may lie far below max_pixels, which the
+        # images were checked at (at the --model's factor, else 28).
+        "checks": {**checks, "max_pixels_floor": {str(f): n for f, n in s.max_pixels_floor.items()}}
                   | ({"max_tokens": tokens[0], "model": tokens[1]} if tokens else {}),
     } | ({"tasks": s.tasks} if s.tasks else {})  # only with tasks: a task-free manifest keeps its bytes
 
