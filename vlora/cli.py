@@ -42,7 +42,8 @@ def cmd_pack(args) -> int:
     limits = {k: v for k, v in limits.items() if v is not None}  # not given: pack's defaults
     summary = pack(args.src, args.out, fmt=args.format, image_root=args.image_root, shard_size=args.shard_size,
                    workers=args.workers, max_tokens=args.max_tokens, model=args.model, min_pixels=args.min_pixels,
-                   max_pixels=args.max_pixels, progress=sys.stderr.isatty(), confine=args.confine, **limits)
+                   max_pixels=args.max_pixels, progress=sys.stderr.isatty(), confine=args.confine, boxes=args.boxes,
+                   **limits)
     print(format_summary(summary))
     errors = reject_report(summary, args.max_reject)
     for line in errors:  # the shards stay written: the user inspects rejects.jsonl, then repacks or raises the limit
@@ -94,7 +95,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="for annotation files from elsewhere: reject images that resolve (symlinks followed) outside --image-root "
                         "and the annotation file's folder, and take paths as written (no parent-folder or shorter-path fallback)")
     k.add_argument("--max-tokens", type=int, default=None, help="reject samples longer than this in training (needs --model)")
-    k.add_argument("--model", type=Path, default=None, help="Qwen2.5-VL folder whose processor counts the tokens")
+    k.add_argument("--model", type=Path, default=None, help="model folder whose processor counts the tokens")
+    k.add_argument("--boxes", choices=("original", "as_written"), default="original",
+                   help="grounding boxes in the text: in the image's pixels (checked, converted per family in training; "
+                        "default) or already in the model's convention (as_written: untouched, train with data.boxes=as_written)")
     # Not given: pack's defaults (vlora.data.pack.DEFAULT_MIN_PIXELS / DEFAULT_MAX_PIXELS, the run's defaults).
     k.add_argument("--min-pixels", type=int, default=None, help="the run's data.min_pixels (default: its default)")
     k.add_argument("--max-pixels", type=int, default=None, help="the run's data.max_pixels (default: its default)")

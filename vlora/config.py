@@ -100,6 +100,10 @@ class DataArgs:
     val_samples: int = 256  # at most this many held-out samples per evaluation
     pack_length: int = 0  # >0: pack several samples into rows of this many tokens (attention kept per sample)
     train_on: str = "assistant"  # assistant (loss on replies only) | all (user turns' text too; never images)
+    # Grounding boxes and points in the text (<|box_start|>(x1,y1),(x2,y2)<|box_end|>, "bbox_2d", "point_2d"):
+    # original = in the image's own pixels, converted to the model family's convention as each image is resized
+    # (docs/families.md) | as_written = already in the family's convention, passed through untouched.
+    boxes: str = "original"
 
 
 @dataclass
@@ -218,6 +222,7 @@ CHOICES = {
     "run.precision": ("auto", "fp32", "bf16", "fp16"),
     "run.engine": ("ddp", "deepspeed"),
     "data.train_on": ("assistant", "all"),
+    "data.boxes": ("original", "as_written"),
 }
 
 

@@ -113,9 +113,13 @@ def evaluate(model_path: str, adapter: str | None, shards: str, out: str, *, max
                                           dtype=dtype, device=device)
     systems = (["adapter"] if adapter else []) + (["base"] if with_base or not adapter else [])
     from vlora import families
+    from vlora.data.manifest import read_manifest
 
+    # Boxes as training converted them, unless the shards were packed with --boxes as_written.
+    as_written = read_manifest(shards).get("checks", {}).get("boxes") == "as_written"
+    boxes = None if as_written else families.of_config(model.config).boxes
     collator = Collator(processor, min_pixels=min_pixels, max_pixels=max_pixels, max_length=1 << 30,
-                        pixel_dtype=vision_dtype(model), boxes=families.of_config(model.config).boxes)
+                        pixel_dtype=vision_dtype(model), boxes=boxes)
     answerer = Answerer(model, processor, min_pixels=min_pixels, max_pixels=max_pixels)
     encoded = [x for x in map(collator.encode, samples) if x is not None]
     losses = {}

@@ -412,6 +412,16 @@ def load_model(path: Path, dtype: torch.dtype, device: str, quantization_config=
                                                        quantization_config=quantization_config)
 
 
+def load_as_trained(path: Path, dtype: torch.dtype, device: str):
+    """The 4-bit base in the weight layout training used (bitsandbytes' CPU inference repack would differ, and it
+    refuses layers whose output size is not a multiple of 32)."""
+    from vlora.model import four_bit_config, keep_training_layout
+
+    model = load_model(path, dtype, device, four_bit_config("nf4", dtype))
+    keep_training_layout(model)
+    return model
+
+
 def with_adapter(model, adapter_dir: Path):
     import warnings
 
@@ -444,7 +454,7 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def verify(base_dir: Path, adapter_dir: Path, out_dir: Path, *, merged: bool, dtype: torch.dtype,
            tolerance: float | None, device: str, prequantized: bool) -> dict:
     """{max_diff, tolerance, max_diff_4bit}: the written folder's logits against base + source adapter."""
-    from vlora.model import four_bit_config, load_processor
+    from vlora.model import load_processor
 
     probes = probe_inputs(load_processor(str(base_dir)))
     reference = run_probe(lambda: with_adapter(load_model(base_dir, dtype, device), adapter_dir), probes, device)
@@ -457,8 +467,8 @@ def verify(base_dir: Path, adapter_dir: Path, out_dir: Path, *, merged: bool, dt
     diff_4bit = None
     if not prequantized:
         try:  # information only: a machine without a usable bitsandbytes still exports
-            trained = run_probe(lambda: with_adapter(load_model(base_dir, dtype, device, four_bit_config("nf4", dtype)),
-                                                     adapter_dir), probes, device)
+            trained = run_probe(lambda: with_adapter(load_as_trained(base_dir, dtype, device), adapter_dir), probes,
+                                device)
             diff_4bit = max_abs_diff(exported, trained)
         except Exception as e:  # noqa: BLE001
             print(f"info: 4-bit comparison skipped: {(str(e).strip().splitlines() or [type(e).__name__])[0]}")

@@ -339,7 +339,11 @@ def build_model(cfg: Config, device: torch.device, compute_dtype: torch.dtype,
 
     if cfg.model.liger and (why := liger_available()):  # said before minutes of loading, not after
         raise VloraError(f"model.liger=true but Liger's kernels cannot run here: {why}; set model.liger=false")
-    check_packing(cfg, families.of_model_path(cfg.model.path))
+    family = families.of_model_path(cfg.model.path)
+    if cfg.model.liger and family.name != "qwen2_5_vl":
+        raise VloraError(f"model.liger: vlora wires Liger's kernels for Qwen2.5-VL only, not {family.title}; "
+                         "set model.liger=false")
+    check_packing(cfg, family)
     model = apply_lora(load_base_model(cfg, device, compute_dtype, quant_storage), cfg)
     for line in describe_lora(model):
         log.info(line)
@@ -354,19 +358,26 @@ def build_model(cfg: Config, device: torch.device, compute_dtype: torch.dtype,
     return model
 
 
-LINEAR_ATTENTION_KERNELS = {"fla": "flash-linear-attention", "causal_conv1d": "causal-conv1d"}
+# The modules transformers takes the fused linear-attention kernels from, and their distributions.
+LINEAR_ATTENTION_KERNELS = {"fla.ops.gated_delta_rule": "flash-linear-attention", "causal_conv1d": "causal-conv1d"}
 
 
 def check_packing(cfg: Config, family: families.Family) -> None:
     """Refuse data.pack_length where packed samples would leak into each other: a linear-attention (Qwen3.5) model
     without the fused kernels. transformers' torch fallback runs the Gated DeltaNet recurrence and its causal
     convolution over the whole row and carries each sample's state into the next; only the kernels take the
-    boundaries (cu_seq_lens_q, seq_idx), and they need a CUDA device."""
-    import importlib.util
+    boundaries (cu_seq_lens_q, seq_idx), and they need a CUDA device. The modules are imported, as transformers
+    does: one that is installed but fails to import leaves transformers on the fallback."""
+    import importlib
 
     if not (family.linear_attention and cfg.data.pack_length > 0):
         return
-    missing = [pkg for mod, pkg in LINEAR_ATTENTION_KERNELS.items() if importlib.util.find_spec(mod) is None]
+    missing = []
+    for module, package in LINEAR_ATTENTION_KERNELS.items():
+        try:
+            importlib.import_module(module)
+        except Exception:  # ImportError, or a kernel package built for another torch / CUDA
+            missing.append(package)
     if missing or not torch.cuda.is_available():
         why = f"{' and '.join(missing)} not installed" if missing else "no CUDA device"
         raise VloraError(f"data.pack_length: {family.title}'s linear-attention layers keep packed samples apart only "

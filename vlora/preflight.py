@@ -73,7 +73,12 @@ def check_data(cfg: Config, world_size: int) -> None:
         folders.append(cfg.data.val)
     factor = resize_factor(cfg.model.path)
     for folder in folders:
-        check_packed_pixels(cfg.data, folder, read_manifest(folder).get("checks", {}), factor)
+        checks = read_manifest(folder).get("checks", {})
+        check_packed_pixels(cfg.data, folder, checks, factor)
+        if cfg.data.boxes == "original" and checks.get("boxes") == "as_written":
+            raise VloraError(f"{folder} was packed with --boxes as_written (boxes left as written, not checked against "
+                             "the images), but data.boxes=original would convert them from image pixels; set "
+                             "data.boxes=as_written, or repack without --boxes if they are in image pixels")
 
 
 def resize_factor(model_path: str) -> int:

@@ -269,9 +269,10 @@ def _build_data(cfg: Config, world: World, processor, compute_dtype: torch.dtype
     from vlora.data.stream import heldout_batches, parse_sources, train_loader
 
     family = families.of_model_path(cfg.model.path)
+    boxes = family.boxes if cfg.data.boxes == "original" else None  # as_written: the text goes in untouched
     collator = Collator(processor, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
                         max_length=cfg.data.max_length, train_on=cfg.data.train_on, pixel_dtype=compute_dtype,
-                        pack_length=cfg.data.pack_length, boxes=family.boxes,
+                        pack_length=cfg.data.pack_length, boxes=boxes,
                         boundaries=family.linear_attention and cfg.data.pack_length > 0)
     batches = train_loader(parse_sources(cfg.data.train), rank=world.rank, world_size=world.size,
                            num_workers=cfg.data.num_workers, seed=cfg.run.seed, micro_batch=cfg.optim.micro_batch,

@@ -64,7 +64,7 @@ from typing import Callable, Iterator
 from PIL import Image
 from webdataset import TarWriter
 
-from vlora.data.grounding import check_boxes
+from vlora.data.grounding import check_boxes, convert_boxes
 from vlora.data.formats import BOM, Record, RecordError, UnknownFormat, read_annotations
 from vlora.data.manifest import FORMAT, MANIFEST, write_manifest
 from vlora.errors import VloraError
@@ -325,23 +325,32 @@ class TokenCounter:
     (h / 28) * (w / 28) tokens, i.e. (h / patch / merge) * (w / patch / merge).
     """
 
-    def __init__(self, model: str, *, min_pixels: int, max_pixels: int):
+    def __init__(self, model: str, *, min_pixels: int, max_pixels: int, boxes: str = "original"):
         import qwen_vl_utils  # noqa: F401  here, before the pool forks, so that workers inherit it
         from transformers import AutoProcessor
+
+        from vlora import families
 
         self.processor = AutoProcessor.from_pretrained(model)
         ip = self.processor.image_processor
         self.factor = ip.patch_size * ip.merge_size
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        # Boxes in image pixels are rewritten in training (more or fewer digits): count the rewritten text.
+        self.boxes = families.of_model_path(model).boxes if boxes == "original" else None
 
     def image_tokens(self, entry: dict, width: int, height: int) -> int:
         h, w = resized_size(entry, width, height, min_pixels=self.min_pixels, max_pixels=self.max_pixels, factor=self.factor)
         return (h // self.factor) * (w // self.factor)
 
     def count(self, messages: list[dict], sizes: list[dict]) -> int:
+        entries = [p for m in messages for p in m["content"] if p["type"] == "image"]
+        if self.boxes:
+            originals = [(s["width"], s["height"]) for s in sizes]
+            resized = [resized_size(e, w, h, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                                    factor=self.factor)[::-1] for e, (w, h) in zip(entries, originals)]
+            messages = convert_boxes(messages, originals, resized, self.boxes)
         text = self.processor.apply_chat_template(messages, tokenize=False)
         ids = self.processor.tokenizer(text)["input_ids"]  # here each image is one <|image_pad|>
-        entries = [p for m in messages for p in m["content"] if p["type"] == "image"]
         return len(ids) - len(entries) + sum(self.image_tokens(e, s["width"], s["height"]) for e, s in zip(entries, sizes))
 
 
@@ -349,11 +358,13 @@ class Checker:
     """Checks one canonical sample and reads its images: the per-record work that runs in the worker pool."""
 
     def __init__(self, *, max_image_pixels: int, min_pixels: int, max_pixels: int, max_tokens: int | None = None,
-                 counter: TokenCounter | None = None, max_image_bytes: int = MAX_IMAGE_BYTES):
+                 counter: TokenCounter | None = None, max_image_bytes: int = MAX_IMAGE_BYTES, boxes: str = "original"):
         self.max_image_pixels, self.min_pixels, self.max_pixels = max_image_pixels, min_pixels, max_pixels
         self.max_image_bytes = max_image_bytes
-        self.max_tokens, self.counter = max_tokens, counter
-        self.factor = counter.factor if counter is not None else QWEN_FACTOR  # the --model's family, else 28
+        self.max_tokens, self.counter, self.boxes = max_tokens, counter, boxes
+        # The --model's factor; without one, every family's: a per-image size (which the manifest's floor does not
+        # cover) must resize at each, or a Qwen3-VL run would meet a zero side in a data worker.
+        self.factors = (counter.factor,) if counter is not None else RESIZE_FACTORS
 
     def __call__(self, sample: dict | None):
         """[(bytes, extension, width, height) per image] or the RecordError; None for a record already rejected."""
@@ -370,13 +381,15 @@ class Checker:
                 _, _, w, h = seen[ref]
                 # Only per-image sizes or a very narrow image can fail to resize: skipping the others spares
                 # importing qwen_vl_utils (and torchvision with it, ~1.5 s) on most runs.
-                if len(part) > 1 or min(w, h) * self.max_pixels < 2 * self.factor**2 * max(w, h):
-                    resized_size(part, w, h, min_pixels=self.min_pixels, max_pixels=self.max_pixels, factor=self.factor)
+                for f in self.factors:
+                    if len(part) > 1 or min(w, h) * self.max_pixels < 2 * f**2 * max(w, h):
+                        resized_size(part, w, h, min_pixels=self.min_pixels, max_pixels=self.max_pixels, factor=f)
             images = [seen[ref] for ref in sample["images"]]
             sizes = [{"width": w, "height": h} for _, _, w, h in images]
             # Boxes and points stay in the original image's pixels here (each family's convention is applied in
-            # training, vlora.data.grounding): they must lie on their image.
-            check_boxes(sample["messages"], [(w, h) for _, _, w, h in images])
+            # training, vlora.data.grounding): they must lie on their image. --boxes as_written: not ours to check.
+            if self.boxes == "original":
+                check_boxes(sample["messages"], [(w, h) for _, _, w, h in images])
             if self.counter is not None and (n := self.counter.count(sample["messages"], sizes)) > self.max_tokens:
                 raise RecordError("too_many_tokens", f"{n} tokens (images at min_pixels {self.min_pixels}, max_pixels {self.max_pixels}) "
                                                      f"> --max-tokens {self.max_tokens}; shorten it, lower --max-pixels or raise the limit")
@@ -614,19 +627,19 @@ DEFAULT_MAX_PIXELS = QWEN_FACTOR * QWEN_FACTOR * 256  # 200704: 256 image tokens
 
 def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int = 1000, workers: int = 1,
          max_image_pixels: int = PIL_MAX_IMAGE_PIXELS, max_tokens: int | None = None, model=None,
-         min_pixels: int | None = None, max_pixels: int | None = None, progress: bool = False,
+         min_pixels: int | None = None, max_pixels: int | None = None, progress: bool = False, boxes: str = "original",
          max_image_bytes: int = MAX_IMAGE_BYTES, confine: bool = False, on_shard=None) -> PackSummary:
     """Pack the annotation file `src` (or every annotation file under the folder `src`) into WebDataset shards
     under `out`, replacing an earlier pack there. `out` may be an s3:// or gs:// folder: the shards are written
     locally, each uploaded (and deleted) as soon as it is finished, the manifest last (vlora.data.remote.Uploader).
 
     `min_pixels` / `max_pixels` are the run's (by default data.min_pixels / data.max_pixels): every image must
-    resize under them as training will; `max_tokens` (with `model`, a Qwen2.5-VL folder) also rejects samples
-    longer than that in training. Only regular files of at most `max_image_bytes` are read as images;
-    `confine` refuses images outside `image_root` and each annotation file's folder (formats.PathResolver).
-    Raises VloraError for
-    a missing src, an undetectable format, bad settings or an `out` that is not a shard folder; bad records
-    never raise, they are counted and listed in out/rejects.jsonl.
+    resize under them as training will; `max_tokens` (with `model`, a model folder) also rejects samples longer
+    than that in training. Only regular files of at most `max_image_bytes` are read as images; `confine` refuses
+    images outside `image_root` and each annotation file's folder (formats.PathResolver). `boxes`: "original"
+    (grounding boxes in image pixels, checked) or "as_written" (left alone). Raises VloraError for a missing src, an
+    undetectable format, bad settings or an `out` that is not a shard folder; bad records never raise, they are
+    counted and listed in out/rejects.jsonl.
     """
     from vlora.data import remote
 
@@ -634,7 +647,7 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
         return _pack_to_store(src, str(out), fmt=fmt, image_root=image_root, shard_size=shard_size, workers=workers,
                               max_image_pixels=max_image_pixels, max_tokens=max_tokens, model=model,
                               min_pixels=min_pixels, max_pixels=max_pixels, progress=progress,
-                              max_image_bytes=max_image_bytes, confine=confine)
+                              max_image_bytes=max_image_bytes, confine=confine, boxes=boxes)
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     out_abs = out.absolute()  # so the temp/old siblings get a name even for out="."
@@ -643,7 +656,7 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
                          f"got {shard_size}, {workers}, {max_image_pixels}, {max_image_bytes}")
     min_pixels = DEFAULT_MIN_PIXELS if min_pixels is None else min_pixels
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    checker = _make_checker(max_image_pixels, max_image_bytes, min_pixels, max_pixels, max_tokens, model)
+    checker = _make_checker(max_image_pixels, max_image_bytes, min_pixels, max_pixels, max_tokens, model, boxes)
     if not src.exists():
         raise VloraError(f"{src}: annotation file not found; check the path")
     _check_not_inside(out_abs, src=src, image_root=image_root)
@@ -676,6 +689,8 @@ def pack(src, out, *, fmt: str | None = None, image_root=None, shard_size: int =
         (tmp / REJECTS).write_bytes(b"".join(taker.rejects))
         checks = {"max_image_pixels": max_image_pixels, "max_image_bytes": max_image_bytes, "confine": confine,
                   "max_aspect_ratio": MAX_ASPECT_RATIO, "min_pixels": min_pixels, "max_pixels": max_pixels}
+        if boxes != "original":  # absent by default, so that box-free manifests keep their bytes
+            checks["boxes"] = boxes
         if checker.counter:
             checks["max_tokens_and_model"] = (max_tokens, str(model))
         write_manifest(tmp, _manifest(s, stats, shards, checks))
@@ -710,16 +725,18 @@ def _pack_to_store(src, url: str, **kwargs) -> PackSummary:
 
 
 def _make_checker(max_image_pixels: int, max_image_bytes: int, min_pixels: int, max_pixels: int,
-             max_tokens: int | None, model) -> Checker:
+                  max_tokens: int | None, model, boxes: str) -> Checker:
     if not 0 < min_pixels <= max_pixels:
         raise VloraError(f"need 0 < --min-pixels <= --max-pixels, got {min_pixels} and {max_pixels}")
+    if boxes not in ("original", "as_written"):
+        raise VloraError(f"--boxes is original or as_written, got {boxes!r}")
     counter = None
     if max_tokens is not None:
         if model is None or not (Path(model) / "config.json").is_file():
             raise VloraError(f"--max-tokens needs --model, a local model folder (with config.json); got {model}")
-        counter = TokenCounter(str(model), min_pixels=min_pixels, max_pixels=max_pixels)
+        counter = TokenCounter(str(model), min_pixels=min_pixels, max_pixels=max_pixels, boxes=boxes)
     return Checker(max_image_pixels=max_image_pixels, min_pixels=min_pixels, max_pixels=max_pixels,
-                   max_tokens=max_tokens, counter=counter, max_image_bytes=max_image_bytes)
+                   max_tokens=max_tokens, counter=counter, max_image_bytes=max_image_bytes, boxes=boxes)
 
 
 def _sources(src: Path, out_abs: Path, *, image_root, fmt: str | None, confine: bool):
