@@ -207,6 +207,13 @@ def test_max_pixels_below_what_the_shards_were_checked_for(tmp_path, paths, demo
     preflight(load_config(None, paths + [f"data.val={old}", "data.max_pixels=200704"]))
     with pytest.raises(VloraError, match=rf"data.max_pixels=12544 is below max_pixels=200704, which {old} was packed"):
         preflight(load_config(None, paths + [f"data.val={old}", "data.max_pixels=12544"]))
+    # Older packs' floors were checked at 28 px per token only: a family at 32 asks for a repack, whatever the floor.
+    for checks in ({"max_pixels_floor": 785}, {"max_pixels": 200704}):
+        (old / "manifest.json").write_text(json.dumps({**manifest, "checks": {**manifest["checks"], **checks}}))
+        preflight(load_config(None, paths + [f"data.val={old}", "data.max_pixels=200704"]))
+        with pytest.raises(VloraError, match=rf"^{old} was packed by an older vlora, which checked its images at 28 pixels "
+                                             "per image token only; this model has 32: repack it"):
+            preflight(load_config(None, paths + qwen3 + [f"data.val={old}", "data.max_pixels=200704"]))
 
 
 def test_validate_reads_no_file(tmp_path):

@@ -187,3 +187,44 @@ def test_each_task_generates_at_most_its_own_budget(tiny_model_dir):
     got = budget_batches(list(range(5)), requests, batch_size=1)
     assert got == [(budgets["colour"], [2]), (budgets["colour"], [0]), (budgets["caption"], [3]),
                    (budgets["caption"], [1]), (None, [4])]
+
+
+def test_eval_items_leave_out_a_box_off_its_image_as_training_does(caplog):
+    """A shard packed before boxes were checked may hold a box off its image: training's collator skips it, and so
+    do the eval items when boxes are converted (the Answerer would refuse it); without conversion it stays."""
+    import io
+    import logging
+
+    from PIL import Image
+
+    from vlora.evaluate import eval_items
+
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), "white").save(png, "PNG")
+
+    def sample(key: str, box: str) -> dict:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the cat?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": box}]}]
+        return {"__key__": key, "json": json.dumps({"messages": messages}).encode(), "0.png": png.getvalue()}
+
+    samples = [sample("on", "<|box_start|>(1,2),(40,30)<|box_end|>"), sample("off", '{"bbox_2d": [1, 2, 41, 30]}')]
+    vlora_log = logging.getLogger("vlora")  # it does not propagate once a run in this process set up logging
+    vlora_log.addHandler(caplog.handler)
+    try:
+        items, _ = eval_items(samples, check_boxes=True)
+    finally:
+        vlora_log.removeHandler(caplog.handler)
+    assert [i["key"] for i in items] == ["on"] and items[0]["reference"] == "<|box_start|>(1,2),(40,30)<|box_end|>"
+    assert "eval: off left out: bad_box: message 1 (assistant): box" in caplog.text
+    assert [i["key"] for i in eval_items(samples)[0]] == ["on", "off"]
+
+
+def test_eval_takes_the_runs_pixels_and_box_convention_from_its_config(tmp_path):
+    from vlora.evaluate import run_data
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "config.yaml").write_text("data:\n  min_pixels: 3136\n  max_pixels: 12544\n  boxes: as_written\n")
+    assert run_data(str(tmp_path / "adapter")) == {"min_pixels": 3136, "max_pixels": 12544, "boxes": "as_written"}
+    (tmp_path / "config.yaml").write_text("data:\n  max_pixels: 12544\n  boxes: sideways\n")  # not a value: ignored
+    assert run_data(str(tmp_path / "adapter")) == {"max_pixels": 12544}
+    assert run_data(None) == {}

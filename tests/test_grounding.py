@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 from qwen_vl_utils import fetch_image, smart_resize
 
 from vlora.data.formats import RecordError
-from vlora.data.grounding import ABSOLUTE, RELATIVE, check_boxes, convert_boxes, to_original
+from vlora.data.grounding import ABSOLUTE, RELATIVE, boxes_in, check_boxes, convert_boxes, to_original
 
 W, H = 517, 389  # an odd size: no resize factor divides it
 # smart_resize(389, 517, 28) at the default limits: 517 / 28 = 18.46 -> 18 * 28, 389 / 28 = 13.9 -> 14 * 28
@@ -270,3 +270,11 @@ def test_a_box_refers_to_the_latest_image_before_it():
     check_boxes([{"role": "user", "content": [IMAGE, IMAGE, text("<|box_start|>(600,10)<|box_end|>")]}], originals)
     with pytest.raises(RecordError, match="image 0 is 517x389"):
         check_boxes([{"role": "user", "content": [IMAGE, text("<|box_start|>(600,10)<|box_end|>"), IMAGE]}], originals)
+
+
+def test_boxes_in_reads_boxes_in_reading_order_and_skips_the_rest():
+    text = ('[{"bbox_2d": [30, 40, 50, 60.5]}] then <|box_start|>(1,2),(3,4)<|box_end|> '
+            '{"point_2d": [7, 8]} <|box_start|>(9,9)<|box_end|> {"bbox_2d": [1, 2, nan, 4]} "bbox_2d": [x1, y1, x2, y2] '
+            '<|box_start|>(5,6),(7')
+    assert boxes_in(text) == [(30, 40, 50, 60.5), (1, 2, 3, 4)]  # points, non-finite, templates and cut boxes: none
+    assert boxes_in("no boxes here") == []

@@ -9,9 +9,9 @@ from collections import Counter
 import pytest
 
 from vlora.errors import VloraError
-from vlora.scoring import (ANSWER_METRICS, CAPTION_METRICS, VQA_MAX_WORDS, bleu4, caption_tokenizer, cider_d,
-                           exact_match, majority_baseline, majority_items, metric_kind, normalize_answer,
-                           score_items, simple_tokenize, task_of, tokenize_captions)
+from vlora.scoring import (ANSWER_METRICS, BOX_METRIC, CAPTION_METRICS, VQA_MAX_WORDS, bleu4, box_iou,
+                           box_match, caption_tokenizer, cider_d, exact_match, majority_baseline, majority_items,
+                           metric_kind, normalize_answer, score_items, simple_tokenize, task_of, tokenize_captions)
 
 
 # --- normalisation and exact match -------------------------------------------------------------------
@@ -313,3 +313,65 @@ def test_importing_scoring_is_cheap():
     code = "import sys, vlora.scoring; print(sorted({'sacrebleu', 'pycocoevalcap', 'numpy', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --- grounding -------------------------------------------------------------------------------------------
+
+def box(x1, y1, x2, y2) -> str:
+    return f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
+
+
+def test_box_iou_by_hand():
+    assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert box_iou((10, 10, 0, 0), (5, 0, 15, 10)) == pytest.approx(50 / 150)  # corners in either order
+    assert box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0  # empty boxes: no division by zero
+
+
+@pytest.mark.parametrize("prediction, reference, expected", [
+    (box(0, 0, 100, 100), box(0, 0, 100, 100), 1.0),
+    (box(0, 0, 100, 100), box(0, 0, 100, 199), 1.0),  # IoU 100/199 = 0.5025
+    (box(0, 0, 100, 100), box(0, 0, 100, 201), 0.0),  # IoU 100/201 = 0.4975
+    ('[{"bbox_2d": [0, 0, 100, 100], "label": "cat"}]', box(2, 2, 98, 98), 1.0),  # syntaxes need not agree
+    ("a cat", box(0, 0, 100, 100), 0.0),  # no box in the answer
+    (box(0, 0, 100, 100), "a cat", 0.0),  # no box in the reference
+    (box(0, 0, 10, 10) + box(50, 50, 60, 60), box(50, 50, 60, 60) + box(0, 0, 10, 10), 1.0),  # any order
+    (box(0, 0, 10, 10), box(50, 50, 60, 60) + box(0, 0, 10, 10), 0.0),  # one box missing
+    (box(0, 0, 10, 10) + box(0, 0, 10, 10), box(0, 0, 10, 10), 0.0),  # one box too many
+    # Only the pairing a-B (IoU 0.67), b-A (0.6) matches both: a greedy pass by IoU would pair a-A (1.0) first and
+    # leave b with B (0.4).
+    (box(0, 0, 100, 100) + box(0, 0, 100, 60), box(0, 0, 100, 100) + box(0, 0, 100, 150), 1.0),
+    (box(0, 0, 10, 10), ["red", box(0, 0, 10, 10)], 1.0),  # any of a list of references
+])
+def test_box_match(prediction, reference, expected):
+    assert box_match(prediction, reference) == expected
+
+
+def test_grounding_tasks_are_scored_on_boxes_not_on_words():
+    items = [{"task": "ground", "reference": box(0, 0, 100, 100), "prediction": box(0, 0, 100, 150)},  # IoU 2/3
+             {"task": "ground", "reference": box(0, 0, 100, 100), "prediction": box(0, 0, 100, 100)},
+             {"task": "ground", "reference": box(0, 0, 100, 100), "prediction": box(60, 60, 100, 100)},  # 0.16
+             {"task": "ground", "reference": box(0, 0, 100, 100), "prediction": "nothing there"},
+             {"task": "colour", "reference": "red", "prediction": "red"}]
+    scores = score_items(items)
+    assert scores["tasks"]["ground"] == {"n": 4, "exact_match": 25.0, "box_acc50": 50.0}  # no BLEU over coordinates
+    assert scores["tasks"]["colour"] == {"n": 1, "exact_match": 100.0}
+    assert scores["all"] == {"n": 5, "exact_match": 40.0}
+    assert scores["tokenizer"] is None
+    json_boxes = ['[{"bbox_2d": [1, 2, 3, 4], "label": "a cat on the sofa"}]'] * 2
+    assert metric_kind("ground", json_boxes) == (*ANSWER_METRICS, BOX_METRIC)  # words of JSON: not a caption
+    assert metric_kind("ground", [box(1, 2, 3, 4), "red"]) == (*ANSWER_METRICS, BOX_METRIC)  # half of them
+    assert metric_kind("ground", [box(1, 2, 3, 4), "red", "blue"]) == ANSWER_METRICS
+    assert metric_kind("ground", [[box(1, 2, 3, 4), "red"], "blue"]) == (*ANSWER_METRICS, BOX_METRIC)
+    grounded_captions = ['a cat <|box_start|>(1,2),(3,4)<|box_end|> sleeps on a long sofa'] * 2
+    assert metric_kind("grounded_caption", grounded_captions) == (*CAPTION_METRICS, BOX_METRIC)
+    assert metric_kind("caption", ['a format such as {"bbox_2d": [x1, y1, x2, y2]} long text']) == CAPTION_METRICS
+    both = score_items([{"task": "grounded_caption", "reference": r, "prediction": r} for r in grounded_captions])
+    assert both["tasks"]["grounded_caption"]["box_acc50"] == 100.0 and "cider_d" in both["tasks"]["grounded_caption"]
+
+
+def test_exact_match_keeps_coordinates_apart():
+    assert exact_match(box(1, 23, 4, 5), box(12, 3, 4, 5)) == 0.0  # "1,23" and "12,3" are not one number
+    assert exact_match(box(1, 23, 4, 5), box(1, 23, 4, 5)) == 1.0
+    assert exact_match("1,000", "1000") == 1.0  # a thousands comma still is one, without boxes

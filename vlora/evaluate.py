@@ -12,6 +12,7 @@ Writes report.json and report.html (vlora.report) to `--out`, and prints the tab
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from vlora.errors import VloraError
 from vlora.generate import BASE, Answerer, Request, budget_batches, load_for_inference, prompt_text, split_answer, vision_dtype
 
 ADAPTER = "adapter"  # the adapter's name in the model and in the report
+
+log = logging.getLogger("vlora")
 
 
 def read_samples(shards: str, max_samples: int) -> list[dict]:
@@ -35,20 +38,44 @@ def read_samples(shards: str, max_samples: int) -> list[dict]:
     return samples
 
 
-def eval_items(samples: list[dict]) -> tuple[list[dict], str]:
-    """Per sample: key, task, prompt messages, reference, images; and where the tasks came from."""
+def eval_items(samples: list[dict], *, check_boxes: bool = False) -> tuple[list[dict], str]:
+    """Per sample: key, task, prompt messages, reference, images; and where the tasks came from.
+
+    `check_boxes` (boxes in image pixels, converted for the model): a sample with a box that is not on its image
+    (a shard packed before vlora checked boxes) is left out with a warning, as training's collator skips it."""
     from vlora.data.collate import sample_images
     from vlora.scoring import task_of
 
     items, sources = [], set()
     for s in samples:
         meta = json.loads(s["json"])
+        if check_boxes and (why := bad_box(meta["messages"], sample_images(s))):
+            log.warning("eval: %s left out: %s", s.get("__key__", "a sample"), why)
+            continue
         messages, reference = split_answer(meta["messages"])
         task, how = task_of(meta.get("task"), reference)
         sources.add(how)
         items.append({"key": s.get("__key__", ""), "task": task, "messages": messages, "reference": reference,
                       "images": sample_images(s)})
     return items, sources.pop() if len(sources) == 1 else "mixed"
+
+
+def bad_box(messages: list[dict], images: list[bytes]) -> str | None:
+    """Why a box of `messages` is not on its image (vlora.data.grounding.check_boxes), or None."""
+    import io
+
+    from PIL import Image
+
+    from vlora.data.formats import RecordError
+    from vlora.data.grounding import check_boxes
+
+    if not any(("<|box_" in t or "_2d" in t) for t in map(json.dumps, messages)):
+        return None  # no box: the images need not be opened
+    try:
+        check_boxes(messages, [Image.open(io.BytesIO(b)).size for b in images])
+    except RecordError as e:
+        return str(e)
+    return None
 
 
 @torch.no_grad()
@@ -100,27 +127,32 @@ def task_budgets(tokenizer, items: list[dict], max_new_tokens: int | None = None
 
 def evaluate(model_path: str, adapter: str | None, shards: str, out: str, *, max_samples: int = 256,
              with_base: bool = True, quant: str = "nf4", dtype: str = "auto", device: str | None = None,
-             batch_size: int = 16, max_new_tokens: int | None = None, min_pixels: int, max_pixels: int) -> dict:
-    """Score `adapter` (and the base alone, and the majority baseline) on `shards`; write the report; return it."""
+             batch_size: int = 16, max_new_tokens: int | None = None, min_pixels: int, max_pixels: int,
+             boxes: str = "original") -> dict:
+    """Score `adapter` (and the base alone, and the majority baseline) on `shards`; write the report; return it.
+    `boxes`: the run's data.boxes (original: in image pixels, converted as training converted them)."""
     from vlora.data.collate import Collator
     from vlora.report import write_report
     from vlora.scoring import exact_match, majority_items, score_items
 
     start = time.time()
     samples = read_samples(shards, max_samples)
-    items, task_source = eval_items(samples)
+    from vlora.data.manifest import read_manifest
+
+    # Boxes as training converted them: not where the run said they are already in the model's convention, nor
+    # where the shards were packed so (--boxes as_written).
+    convert = boxes == "original" and read_manifest(shards).get("checks", {}).get("boxes") != "as_written"
+    items, task_source = eval_items(samples, check_boxes=convert)
     model, processor = load_for_inference(model_path, {ADAPTER: adapter} if adapter else {}, quant=quant,
                                           dtype=dtype, device=device)
     systems = (["adapter"] if adapter else []) + (["base"] if with_base or not adapter else [])
     from vlora import families
-    from vlora.data.manifest import read_manifest
 
-    # Boxes as training converted them, unless the shards were packed with --boxes as_written.
-    as_written = read_manifest(shards).get("checks", {}).get("boxes") == "as_written"
-    boxes = None if as_written else families.of_config(model.config).boxes
+    convention = families.of_config(model.config).boxes if convert else None
     collator = Collator(processor, min_pixels=min_pixels, max_pixels=max_pixels, max_length=1 << 30,
-                        pixel_dtype=vision_dtype(model), boxes=boxes)
-    answerer = Answerer(model, processor, min_pixels=min_pixels, max_pixels=max_pixels)
+                        pixel_dtype=vision_dtype(model), boxes=convention)
+    # Answers are scored against references in the image's pixels: their boxes are mapped back first.
+    answerer = Answerer(model, processor, min_pixels=min_pixels, max_pixels=max_pixels, boxes=convention)
     encoded = [x for x in map(collator.encode, samples) if x is not None]
     losses = {}
     for system in systems:
@@ -152,10 +184,10 @@ def evaluate(model_path: str, adapter: str | None, shards: str, out: str, *, max
 # During training (run.eval_generate): a few held-out items answered at each evaluation
 
 
-def heldout_items(shards: str, n: int, *, rank: int, world_size: int) -> list[dict]:
+def heldout_items(shards: str, n: int, *, rank: int, world_size: int, check_boxes: bool = False) -> list[dict]:
     """This rank's share (every world_size-th) of the first `n` samples of `shards`, as eval items."""
     samples = read_samples(shards, n)
-    return eval_items([s for i, s in enumerate(samples) if i % world_size == rank])[0]
+    return eval_items([s for i, s in enumerate(samples) if i % world_size == rank], check_boxes=check_boxes)[0]
 
 
 @torch.no_grad()
@@ -192,7 +224,8 @@ def heldout_exact_match(answerer: Answerer, items: list[dict], *, batch_size: in
 
 
 def format_table(report: dict) -> list[str]:
-    """The exact-match table as printed: one row per task, one column per system (and BLEU-4 / CIDEr-D)."""
+    """The exact-match table as printed: one row per task, one column per system (and BLEU-4 / CIDEr-D, or the
+    share of answers whose boxes overlap the reference's at IoU 0.5)."""
     systems = report["systems"]
     tasks = sorted(report["scores"][systems[0]]["tasks"])
     lines = [f"{'task':<12}{'n':>5}  " + "".join(f"{s + ' EM':>14}" for s in systems)]
@@ -201,30 +234,36 @@ def format_table(report: dict) -> list[str]:
         line = f"{task:<12}{row[0]['n']:>5}  " + "".join(f"{r['exact_match']:>13.1f}%" for r in row)
         extra = [f"{s} BLEU-4 {r['bleu4']:.1f} CIDEr-D {r['cider_d']:.3f}" for s, r in zip(systems, row)
                  if "cider_d" in r and s != "majority"]
+        extra += [f"{s} boxes at IoU 0.5 {r['box_acc50']:.1f}%" for s, r in zip(systems, row)
+                  if "box_acc50" in r and s != "majority"]
         lines.append(line + ("   " + "; ".join(extra) if extra else ""))
     return lines
 
 
-def run_pixels(adapter: str | None) -> dict:
-    """The pixel budget the adapter was trained with, from its run's config.yaml (runs/NAME/adapter/../), if any."""
+def run_data(adapter: str | None) -> dict:
+    """The pixel budget and box convention the adapter was trained with, from its run's config.yaml
+    (runs/NAME/adapter/../), if any."""
     import yaml
 
     config = Path(adapter).parent / "config.yaml" if adapter else None
     if config is None or not config.is_file():
         return {}
     data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
-    return {k: data[k] for k in ("min_pixels", "max_pixels") if isinstance(data.get(k), int)}
+    found = {k: data[k] for k in ("min_pixels", "max_pixels") if isinstance(data.get(k), int)}
+    return found | ({"boxes": data["boxes"]} if data.get("boxes") in ("original", "as_written") else {})
 
 
 def cmd_eval(args) -> int:
     from vlora.config import DataArgs
 
-    pixels = {"min_pixels": DataArgs.min_pixels, "max_pixels": DataArgs.max_pixels, **run_pixels(args.adapter)}
-    pixels.update({k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v})
+    settings = {"min_pixels": DataArgs.min_pixels, "max_pixels": DataArgs.max_pixels, "boxes": DataArgs.boxes,
+                **run_data(args.adapter)}
+    given = (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels), ("boxes", args.boxes))
+    settings.update({k: v for k, v in given if v})
     out = args.out or str(Path(args.adapter).parent / "eval" if args.adapter else "eval")
     report = evaluate(args.model, args.adapter, args.shards, out, max_samples=args.max_samples,
                       with_base=not args.no_base, quant=args.quant, dtype=args.dtype, device=args.device,
-                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, **pixels)
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, **settings)
     print_report(report, args.shards, out)
     return 0
 
@@ -257,4 +296,7 @@ def add_eval_parser(sub) -> None:
                    help="default, per task: twice its longest reference answer's tokens + 8, at most 256")
     e.add_argument("--min-pixels", type=int, default=None, help="default: the run's data.min_pixels (its config.yaml)")
     e.add_argument("--max-pixels", type=int, default=None, help="default: the run's data.max_pixels (its config.yaml)")
+    e.add_argument("--boxes", choices=("original", "as_written"), default=None,
+                   help="grounding boxes in the shards: in image pixels, converted per family (original) or already "
+                        "in the model's convention (as_written); default: the run's data.boxes (its config.yaml)")
     e.set_defaults(func=cmd_eval)

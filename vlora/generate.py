@@ -17,6 +17,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -33,6 +34,13 @@ class Request:
     adapter: str = BASE
     id: str = ""
     max_new_tokens: int | None = None  # this request's own budget (vlora eval: its task's); None: the call's
+
+
+@dataclass
+class Prepared:
+    messages: list[dict]  # the request's messages, boxes in the model's convention
+    images: list  # PIL images, resized as in training
+    last_image: tuple[tuple[int, int], tuple[int, int]] | None = None  # (original, resized) size: answers' boxes
 
 
 def split_answer(messages: list[dict]) -> tuple[list[dict], str]:
@@ -65,30 +73,61 @@ class Answerer:
     `min_pixels` / `max_pixels`: the pixel budget the adapter was trained with (data.min_pixels / max_pixels).
     `synced_gpus`: every rank runs generate's forwards in step until all ranks are done (ZeRO-3, where each forward
     gathers weights with collectives; transformers' own flag).
+    `boxes`: the model family's grounding convention when prompts and answers hold boxes in the image's own pixels,
+    as training data does (data.boxes=original): a prompt's boxes are converted as the collator converts them, an
+    answer's mapped back to the last image's pixels (vlora.data.grounding). None: text passes untouched.
     """
 
-    def __init__(self, model, processor, *, min_pixels: int, max_pixels: int, synced_gpus: bool = False):
+    def __init__(self, model, processor, *, min_pixels: int, max_pixels: int, synced_gpus: bool = False,
+                 boxes: str | None = None):
         from vlora.data.collate import Collator
 
-        self.model, self.processor, self.synced_gpus = model, processor, synced_gpus
+        self.model, self.processor, self.synced_gpus, self.boxes = model, processor, synced_gpus, boxes
         # The training collator's image loading: the same resizing, the same per-image keys.
         self.images = Collator(processor, min_pixels=min_pixels, max_pixels=max_pixels, max_length=1 << 30)
         tok = processor.tokenizer
         self.stop_ids = [i for i in (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if i is not None]
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[0]
+        # Special tokens are left out of answers, except the grounding markers (<|box_start|>...): an answer's box
+        # must keep them to be read, mapped back and scored as the reference's is.
+        from vlora.data.grounding import MARKERS
 
-    def inputs(self, requests: list[Request]):
+        special = {i for i, t in tok.added_tokens_decoder.items() if t.special} | set(tok.all_special_ids)
+        self.hidden_ids = special - {i for i, t in tok.added_tokens_decoder.items() if t.content in MARKERS}
+        self.hidden_ids |= {self.pad_id, *self.stop_ids}
+
+    def decode(self, ids: list[int]) -> str:
+        """An answer's text from its new token ids: special tokens dropped, grounding markers kept."""
+        return self.processor.tokenizer.decode([i for i in ids if i not in self.hidden_ids],
+                                               skip_special_tokens=False)
+
+    def prepare(self, request: Request) -> Prepared:
+        """The request's images, resized as in training, and its messages with their boxes converted."""
+        images, originals = self.images.load_images(request.messages, request.images)
+        if not (self.boxes and images):
+            return Prepared(request.messages, images)
+        from vlora.data.formats import RecordError
+        from vlora.data.grounding import convert_boxes
+
+        resized = [im.size for im in images]
+        try:
+            messages = convert_boxes(request.messages, originals, resized, self.boxes)
+        except RecordError as e:
+            raise VloraError(f"request {request.id or '(no id)'}: {e}") from None
+        return Prepared(messages, images, (originals[-1], resized[-1]))
+
+    def inputs(self, requests: list[Request], prepared: list[Prepared] | None = None):
         """The processor's tensors for a batch, on the CPU: chat template, images resized as in training, left
         padding. Needs no model (`vlora serve` counts a request's prompt tokens with it before queueing it)."""
-        texts, images = [], []
-        for r in requests:
-            texts.append(self.processor.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True))
-            images += self.images.load_images(r.messages, r.images)[0]
+        prepared = prepared or [self.prepare(r) for r in requests]
+        texts = [self.processor.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
+                 for p in prepared]
+        images = [im for p in prepared for im in p.images]
         return self.processor(text=texts, images=images or None, do_resize=False, padding=True, padding_side="left",
                               return_tensors="pt")
 
-    def encode(self, requests: list[Request]) -> dict:
-        enc = self.inputs(requests)
+    def encode(self, requests: list[Request], prepared: list[Prepared] | None = None) -> dict:
+        enc = self.inputs(requests, prepared)
         device = next(self.model.parameters()).device
         dtype = vision_dtype(self.model)
         return {k: v.to(device, dtype=dtype if k == "pixel_values" else None) for k, v in enc.items()}
@@ -101,7 +140,8 @@ class Answerer:
 
         `stop_strings`: a row also ends once its text contains one of them (transformers' StopStringCriteria;
         the string stays in the answer: the caller cuts it)."""
-        enc = self.encode(requests)
+        prepared = [self.prepare(r) for r in requests]
+        enc = self.encode(requests, prepared)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
             "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         if stop_strings:
@@ -110,7 +150,12 @@ class Answerer:
                                   pad_token_id=self.pad_id, synced_gpus=self.synced_gpus, streamer=streamer,
                                   **sampling)
         new = out[:, enc["input_ids"].shape[1]:]
-        return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+        texts = [self.decode(row).strip() for row in new.tolist()]
+        if not self.boxes:
+            return texts
+        from vlora.data.grounding import to_original
+
+        return [to_original(t, self.boxes, *p.last_image) if p.last_image else t for t, p in zip(texts, prepared)]
 
     def run(self, requests: list[Request], *, batch_size: int = 8, on_answer: Callable | None = None,
             **gen) -> list[str]:
@@ -285,15 +330,25 @@ def cmd_generate(args) -> int:
         raise VloraError("give --prompt (with --image) or --requests FILE.jsonl")
     model, processor = load_for_inference(args.model, adapters, quant=args.quant, dtype=args.dtype,
                                           device=args.device)
-    answerer = Answerer(model, processor, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    from vlora import families
+
+    boxes = families.of_config(model.config).boxes if args.boxes == "original" else None
+    answerer = Answerer(model, processor, min_pixels=args.min_pixels, max_pixels=args.max_pixels, boxes=boxes)
     gen = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
            "temperature": args.temperature or 1.0, "top_p": args.top_p}
     if len(requests) == 1 and not args.requests:  # one answer: stream its tokens as they come
         from transformers import TextStreamer
 
+        if boxes:  # the streamed tokens would hold the model's coordinates, not the image's pixels
+            with answerer.use_adapter(requests[0].adapter):
+                print(answerer.answer(requests, **gen)[0], flush=True)
+            return 0
+
         with answerer.use_adapter(requests[0].adapter):
-            answerer.answer(requests, streamer=TextStreamer(processor.tokenizer, skip_prompt=True,
-                                                            skip_special_tokens=True), **gen)
+            # The streamer decodes as the answer is decoded (grounding markers kept); it only calls `decode`, with a
+            # list of ids or one id.
+            decoder = SimpleNamespace(decode=lambda ids, **_: answerer.decode(ids if isinstance(ids, list) else [ids]))
+            answerer.answer(requests, streamer=TextStreamer(decoder, skip_prompt=True), **gen)
         return 0
 
     def emit(request: Request, text: str) -> None:  # one JSON line per answer, as its batch finishes
@@ -323,4 +378,8 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--min-pixels", type=int, default=DataArgs.min_pixels, help="the run's data.min_pixels")
     g.add_argument("--max-pixels", type=int, default=DataArgs.max_pixels, help="the run's data.max_pixels")
+    g.add_argument("--boxes", choices=("as_written", "original"), default="as_written",
+                   help="grounding boxes in prompts and answers: in the model's own convention, as vLLM and `vlora "
+                        "serve` take and give them (default), or in the image's pixels, converted both ways as "
+                        "training converts its data (original)")
     g.set_defaults(func=cmd_generate)

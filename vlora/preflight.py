@@ -82,8 +82,8 @@ def check_data(cfg: Config, world_size: int) -> None:
 
 
 def resize_factor(model_path: str) -> int:
-    """Pixels per image token along a side for model.path's family; 28 when its config cannot be read here (loading
-    the model names that problem)."""
+    """Pixels per image token along a side for model.path's family; Qwen2.5-VL's 28 when its config cannot be read
+    here (a hub id not yet downloaded; loading the model names any other problem)."""
     from vlora import families
 
     try:
@@ -96,13 +96,16 @@ def check_packed_pixels(data: DataArgs, folder: str, checks: dict, factor: int =
     """data.max_pixels must not be below what `vlora pack` made sure every image of `folder` resizes under.
 
     Only max_pixels can break a resize (a narrow image shrunk to a zero side in a data worker); min_pixels only
-    ever enlarges. The manifest's max_pixels_floor is the smallest safe value for its images at each resize factor
-    (an older pack's single number was computed at 28); a manifest without it (a still older pack) is held to the
-    max_pixels it was checked at.
+    ever enlarges. The manifest's max_pixels_floor is the smallest safe value for its images at each resize factor;
+    an older pack's single number, or a still older pack's max_pixels, was checked at 28 px per token only, which
+    says nothing of a family at 32 (a repack is asked for).
     """
     floor = checks.get("max_pixels_floor")
     if isinstance(floor, dict):
         floor = floor.get(str(factor), max(floor.values(), default=0))
+    elif factor != 28 and (isinstance(floor, int) or isinstance(checks.get("max_pixels"), int)):
+        raise VloraError(f"{folder} was packed by an older vlora, which checked its images at 28 pixels per image "
+                         f"token only; this model has {factor}: repack it with this vlora (`vlora pack`)")
     if isinstance(floor, int):
         if data.max_pixels < floor:
             raise VloraError(f"data.max_pixels={data.max_pixels} is below {floor}, the least that every image in {folder} "

@@ -7,7 +7,8 @@
      "tokenizer": "ptb" | "simple",        # the caption tokenizer BLEU-4 / CIDEr-D used
      "task_source": "label" | "answer length" | "mixed",  # where an item's task came from
      "systems": ["adapter", "base", "majority"],  # column order; any subset
-     "scores": {system: {"tasks": {task: {"n": int, "exact_match": float (0-100), "bleu4"?: float, "cider_d"?: float}},
+     "scores": {system: {"tasks": {task: {"n": int, "exact_match": float (0-100), "bleu4"?: float, "cider_d"?: float,
+                                     "box_acc50"?: float}},
                          "all": {"n": int, "exact_match": float}}},
      "items": [{"key": str, "task": str, "prompt": str, "reference": str,
                 "image": bytes | None,            # the raw file bytes of the item's first image
@@ -16,11 +17,12 @@
 report.json holds that dict as sorted, indented UTF-8 JSON, with every item's "image" left out (non-finite floats
 become null). report.html is one file that needs no network and no JavaScript: inline CSS, thumbnails as data URIs.
 It shows a line of context, the metric table (a row per task, sorted, then "all"; per system its exact match in %,
-and BLEU-4 / CIDEr-D where a task has them; the best system of each row and metric highlighted), the held-out loss,
-then up to `max_items` items as cards: the wrong answers of the first system ("adapter" when present) first, then
-the rest, each group in key order. Numbers are shown as the page formats them: exact match with one decimal,
-BLEU-4 and CIDEr-D with two (either scale reads well), losses with three. Every text is escaped; answers longer
-than 400 characters are cut in the page (report.json keeps them whole). Both files are written atomically.
+and BLEU-4 / CIDEr-D or boxes at IoU 0.5 where a task has them; the best system of each row and metric
+highlighted), the held-out loss, then up to `max_items` items as cards: the wrong answers of the first system
+("adapter" when present) first, then the rest, each group in key order. Numbers are shown as the page formats
+them: percentages with one decimal, BLEU-4 and CIDEr-D with two (either scale reads well), losses with three.
+Every text is escaped; answers longer than 400 characters are cut in the page (report.json keeps them whole).
+Both files are written atomically.
 
 Stdlib and Pillow only, Pillow imported where used, so the CLI can import this module cheaply.
 """
@@ -38,7 +40,8 @@ from pathlib import Path
 MAX_ITEMS = 60
 ANSWER_CHARS = 400  # an answer longer than this is cut in the page
 PNG_SOURCE_SIDE = 256  # sources up to this size (both sides) become PNG thumbnails, larger ones JPEG
-METRICS = (("exact_match", "exact match (%)", 1), ("bleu4", "BLEU-4", 2), ("cider_d", "CIDEr-D", 2))
+METRICS = (("exact_match", "exact match (%)", 1), ("bleu4", "BLEU-4", 2), ("cider_d", "CIDEr-D", 2),
+           ("box_acc50", "boxes at IoU 0.5 (%)", 1))
 TASK_SOURCES = {
     "label": "each item's own label",
     "answer length": "the reference answer's length (one word: short answer, more: caption)",

@@ -1,5 +1,6 @@
 """Answer scoring for `vlora eval` and in-training evaluation: exact match on VQA-normalised answers for
-short answers, and corpus BLEU-4 (sacrebleu) and CIDEr-D (pycocoevalcap) for captions.
+short answers, corpus BLEU-4 (sacrebleu) and CIDEr-D (pycocoevalcap) for captions, and for grounding answers
+(boxes in the reference) the share whose boxes overlap the reference's at IoU >= 0.5.
 
 An item is a dict {"task": str, "reference": str or list of str, "prediction": str}. `score_items` scores a
 list of them per task; `majority_items` replaces every prediction by its task's most frequent answer, so the
@@ -21,6 +22,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
 
+from vlora.data.grounding import boxes_in
 from vlora.errors import VloraError
 
 # Answers of at most this many words are short (VQA-style) answers; longer ones are captions. Used both to
@@ -32,6 +34,10 @@ PTB_TIMEOUT_S = 300
 
 CAPTION_METRICS = ("exact_match", "bleu4", "cider_d")
 ANSWER_METRICS = ("exact_match",)
+BOX_METRIC = "box_acc50"  # added to a grounding task's metrics
+# A predicted box is right when it overlaps its reference this much (intersection over union): the Acc@0.5 that
+# grounding benchmarks (RefCOCO) and Qwen-VL's reports use.
+BOX_IOU = 0.5
 
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"))}
@@ -71,9 +77,64 @@ def _ref_list(reference: str | Sequence[str], what: str) -> list[str]:
 def exact_match(prediction: str, reference: str | Sequence[str]) -> float:
     """1.0 if the normalised prediction equals the normalised reference (or any of a list of them), else 0.0.
 
-    This is plain exact match, not the VQA v2 "min(#annotators agreeing / 3, 1)" accuracy."""
+    This is plain exact match, not the VQA v2 "min(#annotators agreeing / 3, 1)" accuracy. Against a reference that
+    holds a box, commas between digits stay separators."""
     refs = _ref_list(reference, "exact_match")
-    return float(normalize_answer(prediction) in {normalize_answer(r) for r in refs})
+    return float(any(_normalize(prediction, boxed) == _normalize(r, boxed)
+                     for r in refs for boxed in [bool(boxes_in(r))]))
+
+
+def _normalize(text: str, boxed: bool) -> str:
+    # Against a reference with boxes, a comma between digits separates coordinates: (1,23) is not (12,3).
+    return normalize_answer(text.replace(",", ", ") if boxed else text)
+
+
+# --- grounding ------------------------------------------------------------------------------------------
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two boxes (x1, y1, x2, y2), corners in either order; 0.0 for two empty boxes."""
+    ax1, ax2, ay1, ay2 = min(a[0], a[2]), max(a[0], a[2]), min(a[1], a[3]), max(a[1], a[3])
+    bx1, bx2, by1, by2 = min(b[0], b[2]), max(b[0], b[2]), min(b[1], b[3]), max(b[1], b[3])
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def box_match(prediction: str, reference: str | Sequence[str]) -> float:
+    """1.0 if the prediction's boxes pair up one to one with the boxes of the reference (or of any of a list), each
+    pair at IoU >= BOX_IOU, in any order (RefCOCO's Acc@0.5 for one box); else 0.0, also for a reference without a
+    box. Both must be in the same coordinates: `vlora eval` maps answers back to the image's pixels first."""
+    predicted = boxes_in(prediction)
+    for ref in _ref_list(reference, "box_match"):
+        wanted = boxes_in(ref)
+        if wanted and len(wanted) == len(predicted) and _pair_up(predicted, wanted):
+            return 1.0
+    return 0.0
+
+
+def _pair_up(predicted: list, wanted: list) -> bool:
+    """Whether every predicted box gets its own wanted box at IoU >= BOX_IOU: a perfect bipartite matching
+    (augmenting paths; a greedy pass by IoU can miss one where two boxes overlap the same reference)."""
+    good = [[box_iou(p, w) >= BOX_IOU for w in wanted] for p in predicted]
+    owner = [-1] * len(wanted)
+
+    def place(i: int, seen: set[int]) -> bool:
+        for j in range(len(wanted)):
+            if good[i][j] and j not in seen:
+                seen.add(j)
+                if owner[j] < 0 or place(owner[j], seen):
+                    owner[j] = i
+                    return True
+        return False
+
+    return all(place(i, set()) for i in range(len(predicted)))
+
+
+def is_grounding_task(references: Sequence) -> bool:
+    """A task is scored on boxes when at least half of its items' references hold a box (vlora.data.grounding's
+    syntaxes; an item with a list of references counts when one of them does)."""
+    boxed = sum(any(boxes_in(r) for r in ([ref] if isinstance(ref, str) else ref)) for ref in references)
+    return bool(references) and 2 * boxed >= len(references)
 
 
 # --- caption tokenization ---------------------------------------------------------------------------
@@ -230,8 +291,12 @@ def is_caption_task(task: str, references: Sequence = ()) -> bool:
 
 def metric_kind(task: str, references: Sequence = ()) -> tuple[str, ...]:
     """The metrics `score_items` reports for `task`: CAPTION_METRICS ("exact_match", "bleu4", "cider_d") for a
-    caption task (is_caption_task; exact match is kept for information), else ANSWER_METRICS ("exact_match",)."""
-    return CAPTION_METRICS if is_caption_task(task, references) else ANSWER_METRICS
+    caption task (exact match is kept for information), else ANSWER_METRICS ("exact_match",); and "box_acc50" for a
+    grounding task (is_grounding_task). A grounding task is a caption task by its name only: the words of a box
+    answer (`[{"bbox_2d": [...], "label": "cat"}]`) do not make it a caption."""
+    grounding = is_grounding_task(references)
+    caption = "caption" in task.lower() if grounding else is_caption_task(task, references)
+    return (CAPTION_METRICS if caption else ANSWER_METRICS) + ((BOX_METRIC,) if grounding else ())
 
 
 def majority_baseline(references_by_task: dict[str, Sequence]) -> dict[str, str]:
@@ -279,7 +344,8 @@ def score_items(items: Sequence[dict], tokenizer: str | None = None) -> dict:
     """Score items {"task", "reference", "prediction"} per task and over all of them.
 
     Returns {"tokenizer": name of the caption tokenizer used ("ptb"/"simple"; None if no task is a caption task),
-    "tasks": {task: {"n", "exact_match", and for caption tasks "bleu4", "cider_d"}}, "all": {"n", "exact_match"}},
+    "tasks": {task: {"n", "exact_match", for caption tasks "bleu4", "cider_d", for grounding tasks "box_acc50"}},
+    "all": {"n", "exact_match"}},
     tasks in sorted order. exact_match is a percentage (0-100); "all" is the micro average over every item.
     bleu4 (0-100) and cider_d (coco-caption scale, see cider_d) are corpus scores over the task's items; all
     caption tasks are tokenized in one tokenizer call. tokenizer: "ptb", "simple" or None (see caption_tokenizer).
@@ -292,8 +358,11 @@ def score_items(items: Sequence[dict], tokenizer: str | None = None) -> dict:
             for task, group in groups.items()}
     tasks = {task: {"n": len(group), "exact_match": 100.0 * sum(hits[task]) / len(group)}
              for task, group in groups.items()}
-    caption_tasks = [task for task, group in groups.items()
-                     if is_caption_task(task, [it["reference"] for it in group])]
+    kinds = {task: metric_kind(task, [it["reference"] for it in group]) for task, group in groups.items()}
+    for task in (task for task, kind in kinds.items() if BOX_METRIC in kind):
+        group = groups[task]
+        tasks[task][BOX_METRIC] = 100.0 * sum(box_match(it["prediction"], it["reference"]) for it in group) / len(group)
+    caption_tasks = [task for task, kind in kinds.items() if "cider_d" in kind]
     name = None
     if caption_tasks:
         flat = [it for task in caption_tasks for it in groups[task]]

@@ -36,6 +36,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -280,8 +281,8 @@ class RowStreamer(BaseStreamer):
     counted up to its end (a stop id, or a stop string, where transformers' StopStringCriteria ends it too; after
     that generate pads the row); a streaming request gets its text so far after every token."""
 
-    def __init__(self, jobs: list["Job"], tokenizer, stop_ids: list[int]):
-        self.jobs, self.tok, self.stop_ids = jobs, tokenizer, set(stop_ids)
+    def __init__(self, jobs: list["Job"], decode: Callable[[list[int]], str], stop_ids: list[int]):
+        self.jobs, self.decode, self.stop_ids = jobs, decode, set(stop_ids)
         self.ids: list[list[int]] = [[] for _ in jobs]
         self.ended = [False] * len(jobs)
         self.prompt = True
@@ -302,7 +303,7 @@ class RowStreamer(BaseStreamer):
         call = self.jobs[i].call
         if not (call.stream or call.stop):
             return
-        text = self.tok.decode(self.ids[i], skip_special_tokens=True)
+        text = self.decode(self.ids[i])  # as Answerer.answer decodes the whole answer
         if call.stop and cut_at_stop(text, call.stop)[1]:
             self.ended[i] = True
         if call.stream:
@@ -382,7 +383,7 @@ class Worker:
 
     def answer_batch(self, jobs: list[Job], budget: int) -> None:
         call = jobs[0].call  # the batch shares its sampling settings and stop strings (Call.batch_key)
-        streamer = RowStreamer(jobs, self.answerer.processor.tokenizer, self.answerer.stop_ids)
+        streamer = RowStreamer(jobs, self.answerer.decode, self.answerer.stop_ids)
         try:
             texts = self.answerer.answer([j.call.request for j in jobs], max_new_tokens=budget, streamer=streamer,
                                          stop_strings=list(call.stop) or None, **call.sampling)

@@ -209,9 +209,12 @@ def build(cfg: Config, plan: Plan, resources: contextlib.ExitStack) -> Run:
         from vlora.evaluate import heldout_items
         from vlora.generate import Answerer
 
-        run.answer_items = heldout_items(cfg.data.val, cfg.run.eval_generate, rank=world.rank, world_size=world.size)
+        # Boxes as the collator converted them for training, answers' boxes mapped back to the references' pixels.
+        boxes = families.of_model_path(cfg.model.path).boxes if cfg.data.boxes == "original" else None
+        run.answer_items = heldout_items(cfg.data.val, cfg.run.eval_generate, rank=world.rank, world_size=world.size,
+                                         check_boxes=boxes is not None)
         run.answerer = Answerer(model, processor, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
-                                synced_gpus=engine.lockstep)
+                                synced_gpus=engine.lockstep, boxes=boxes)
     return run
 
 
@@ -534,7 +537,7 @@ def final_report(cfg: Config) -> None:
     out = cfg.run_dir / "eval"
     report = evaluate(cfg.model.path, str(cfg.run_dir / "adapter"), cfg.data.val, str(out),
                       max_samples=cfg.run.report_samples, quant=cfg.model.quant, batch_size=eval_batch(cfg),
-                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+                      min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels, boxes=cfg.data.boxes)
     print_report(report, cfg.data.val, out)
 
 

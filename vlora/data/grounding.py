@@ -38,6 +38,9 @@ from dataclasses import dataclass
 from vlora.data.formats import RecordError
 
 ABSOLUTE, RELATIVE = "absolute", "relative"
+# Qwen-VL's grounding tokens: special tokens, which a decode that skips special tokens would drop from an answer.
+MARKERS = frozenset(("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+                     "<|quad_start|>", "<|quad_end|>"))
 CONVENTIONS = (ABSOLUTE, RELATIVE)
 RELATIVE_SCALE = 1000
 
@@ -262,3 +265,13 @@ def to_original(text: str, convention: str, original: tuple[int, int], resized: 
     else:
         raise ValueError(f"unknown grounding convention {convention!r}; expected one of {CONVENTIONS}")
     return _rewrite(text, spans, lambda k, x: _clamp(x * scale[k % 2], (w, h)[k % 2]) if math.isfinite(x) else None)
+
+
+def boxes_in(text: str) -> list[tuple[float, float, float, float]]:
+    """The boxes (x1, y1, x2, y2) written in `text`, in reading order, for scoring; points, malformed spans and
+    non-finite numbers are left out, never an error (a model's answer may be cut short)."""
+    if not _maybe_boxes(text):
+        return []
+    spans, _ = _spans(text)
+    return [span.values for span in sorted(spans, key=lambda span: span.numbers[0][0])  # type: ignore[misc]
+            if len(span.values) == 4 and all(map(math.isfinite, span.values))]
