@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import tiny_lora_model
 from helpers import (
-    adapter_weights, assert_same_run, plain_peft_logits, run_overrides, step_records, torchrun, train_in_process,
+    REPO, adapter_weights, assert_same_run, plain_peft_logits, run_overrides, step_records, torchrun, train_in_process,
 )
 from vlora import families
 from vlora.config import load_config
@@ -381,3 +381,49 @@ def test_family_facts_agree_with_transformers():
     assert sorted({families.get(n).resize_factor for n in FAMILIES}) == list(RESIZE_FACTORS)
     with pytest.raises(VloraError, match="^model_type 'llava' is not a family vlora knows"):
         families.get("llava")
+
+
+HUB_CONFIGS = sorted((REPO / "recipes" / "hub_configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", HUB_CONFIGS, ids=[p.stem for p in HUB_CONFIGS])
+def test_lora_groups_cover_every_linear_of_the_published_checkpoints(path):
+    """On each published architecture (built by transformers on the meta device), every nn.Linear but lm_head and a
+    MoE gate is in one LoRA group, and each group holds what the config says: 4 projections per full-attention
+    layer and 5 per Gated DeltaNet layer; 3 per dense MLP or shared expert (routed experts are 3-D parameters, no
+    modules); 2 per vision block's attention, 2 or 3 per its MLP; 2 per merger, DeepStack's included."""
+    import collections
+    import re
+
+    import transformers
+
+    config = json.loads(path.read_text())
+    family = families.of_config(config)
+    cls = getattr(transformers, config["architectures"][0])
+    with torch.device("meta"):
+        model = cls(cls.config_class.from_dict(config))
+    found, left = collections.Counter(), set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            groups = [g for g, pattern in family.lora_targets.items() if re.fullmatch(pattern, name)]
+            assert len(groups) <= 1, (name, groups)
+            found.update(groups) if groups else left.add(re.sub(r"\.\d+\.", ".N.", name))
+    assert left <= {"lm_head", "model.language_model.layers.N.mlp.shared_expert_gate"}, left
+
+    text, vision = config.get("text_config", config), config["vision_config"]
+    layers = text["num_hidden_layers"]
+    kinds = text.get("layer_types") or ["full_attention"] * layers
+    if text.get("num_experts"):
+        step, dense_only = text.get("decoder_sparse_step") or 1, set(text.get("mlp_only_layers") or [])
+        dense = sum(i in dense_only or (i + 1) % step != 0 for i in range(layers))
+        mlps = dense + (layers - dense if text.get("shared_expert_intermediate_size") else 0)
+    else:
+        mlps = layers
+    expected = {
+        "llm_attn": sum(5 if kind == "linear_attention" else 4 for kind in kinds),
+        "llm_mlp": 3 * mlps,
+        "vision_attn": 2 * vision["depth"],
+        "vision_mlp": (3 if family.name == "qwen2_5_vl" else 2) * vision["depth"],  # SwiGLU / fc1, fc2
+        "merger": 2 * (1 + len(vision.get("deepstack_visual_indexes") or [])),
+    }
+    assert dict(found) == {g: n for g, n in expected.items() if n}
