@@ -151,6 +151,7 @@ def test_training_logs_the_exact_match_that_its_adapter_gives(monkeypatch, tiny_
     records = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     logged = {r["step"]: r["val_exact_match"] for r in records if "val_exact_match" in r}
     assert sorted(logged) == [0, 2, 4] and all(0 <= v <= 100 for v in logged.values())
+    assert not any("val_box_acc50" in r for r in records)  # no reference holds a box
     model, processor = load_for_inference(str(tiny_model_dir), {ADAPTER: str(run.dir / "adapter")}, dtype="fp32",
                                           device="cpu")
     answerer = Answerer(model, processor, min_pixels=run.cfg.data.min_pixels, max_pixels=run.cfg.data.max_pixels)
@@ -228,3 +229,24 @@ def test_eval_takes_the_runs_pixels_and_box_convention_from_its_config(tmp_path)
     (tmp_path / "config.yaml").write_text("data:\n  max_pixels: 12544\n  boxes: sideways\n")  # not a value: ignored
     assert run_data(str(tmp_path / "adapter")) == {"max_pixels": 12544}
     assert run_data(None) == {}
+
+
+def test_in_training_scores_boxes_by_overlap_beside_exact_match(tiny_model_dir):
+    """heldout_exact_match: exact match over every item, and over the items whose reference holds a box the share of
+    answers whose boxes overlap it at IoU 0.5; None for that when no reference holds one."""
+    from types import SimpleNamespace
+
+    from vlora.evaluate import heldout_exact_match
+    from vlora.model import load_processor
+
+    answers = {"a": "red", "b": "<|box_start|>(0,0),(10,14)<|box_end|>", "c": "<|box_start|>(0,0),(10,30)<|box_end|>",
+               "d": "nothing"}
+    references = {"a": "red", "b": "<|box_start|>(0,0),(10,10)<|box_end|>", "c": "<|box_start|>(0,0),(10,10)<|box_end|>",
+                  "d": '{"bbox_2d": [0, 0, 10, 10]}'}
+    answerer = SimpleNamespace(model=torch.nn.Linear(1, 1), processor=load_processor(str(tiny_model_dir)),
+                               answer=lambda requests, **_: [answers[r.id] for r in requests])
+    items = [{"key": k, "task": "t", "messages": [{"role": "user", "content": "?"}], "images": [], "reference": r}
+             for k, r in references.items()]
+    em, boxes = heldout_exact_match(answerer, items, batch_size=2, lockstep=False)
+    assert (em, boxes) == (25.0, pytest.approx(100 / 3))  # b overlaps at 10/14; c at 1/3; d has no box
+    assert heldout_exact_match(answerer, items[:1], batch_size=2, lockstep=False) == (100.0, None)

@@ -192,15 +192,17 @@ def heldout_items(shards: str, n: int, *, rank: int, world_size: int, check_boxe
 
 @torch.no_grad()
 def heldout_exact_match(answerer: Answerer, items: list[dict], *, batch_size: int, lockstep: bool,
-                        max_new_tokens: int | None = None) -> float:
-    """Exact match (%) of greedy answers over every rank's items, with the model as it is now.
+                        max_new_tokens: int | None = None) -> tuple[float, float | None]:
+    """Exact match (%) of greedy answers over every rank's items, with the model as it is now; and over the items
+    whose reference holds a box, the share whose boxes overlap it at IoU 0.5 (None when no item has one).
 
     `lockstep` (ZeRO-3, every forward gathers weights with collectives): every rank runs as many batches as the
     rank with the most, repeating its own last batch (not counted), and generate runs with synced_gpus, so the
     ranks that finish first keep stepping until all do. `max_new_tokens`: by default each task's `answer_budget`.
     """
+    from vlora.data.grounding import boxes_in
     from vlora.distributed import all_reduce_max, all_reduce_sum
-    from vlora.scoring import exact_match
+    from vlora.scoring import box_match, exact_match
 
     device = next(answerer.model.parameters()).device
     budgets = task_budgets(answerer.processor.tokenizer, items, max_new_tokens)
@@ -212,15 +214,19 @@ def heldout_exact_match(answerer: Answerer, items: list[dict], *, batch_size: in
     n = len(batches)
     if lockstep:
         n = int(all_reduce_max(torch.tensor([n], device=device)).item())
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # exact matches, items, box matches, boxed items
     for b in range(n):
         budget, batch = batches[min(b, len(batches) - 1)]
         answers = answerer.answer([requests[i] for i in batch], max_new_tokens=budget)
         if b < len(batches):
-            sums[0] += sum(exact_match(a, items[i]["reference"]) for a, i in zip(answers, batch))
-            sums[1] += len(batch)
+            for answer, i in zip(answers, batch):
+                reference = items[i]["reference"]
+                boxed = bool(boxes_in(reference))
+                sums += torch.tensor([exact_match(answer, reference), 1.0,
+                                      box_match(answer, reference) if boxed else 0.0, float(boxed)], device=device)
     all_reduce_sum(sums)
-    return 100.0 * (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+    em = 100.0 * (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+    return em, (100.0 * (sums[2] / sums[3]).item() if sums[3] > 0 else None)
 
 
 def format_table(report: dict) -> list[str]:

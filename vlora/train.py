@@ -460,11 +460,14 @@ def _evaluate_and_log(run: Run) -> None:
     if run.answerer is not None:
         run.loss_model.eval()  # no LoRA dropout; and no activation checkpointing, so generate keeps its cache
         with run.precision.autocast():
-            em = heldout_exact_match(run.answerer, run.answer_items, batch_size=eval_batch(run.cfg),
-                                     lockstep=run.engine.lockstep)
+            em, boxes = heldout_exact_match(run.answerer, run.answer_items, batch_size=eval_batch(run.cfg),
+                                            lockstep=run.engine.lockstep)
         run.loss_model.train()
         run.val_exact_match[step] = record["val_exact_match"] = em
         line += f" | exact match {em:.1f}% ({run.cfg.run.eval_generate} answers)"
+        if boxes is not None:  # grounding answers: exact match on coordinates is strict, the overlap is the figure
+            record["val_box_acc50"] = boxes
+            line += f" | boxes at IoU 0.5 {boxes:.1f}%"
     run.metrics.write(record)
     if step < run.cfg.optim.max_steps:
         run.metrics.info(line)
