@@ -312,3 +312,11 @@ def test_data_takes_plain_arguments():
         assert not imported & {"vlora.config", "vlora.model", "vlora.engine", "vlora.train", "vlora.checkpoint"}, (
             path.name, imported)
     assert "vlora.config" not in vlora_imports(VLORA / "cli.py")
+
+
+def test_data_boxes_choices_are_the_families_box_modes():
+    """config.py stays a leaf, so it spells data.boxes' values itself: they must be vlora.families.BOX_MODES."""
+    from vlora import families
+    from vlora.config import CHOICES
+
+    assert CHOICES["data.boxes"] == families.BOX_MODES

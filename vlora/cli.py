@@ -11,11 +11,11 @@ import os
 import sys
 from pathlib import Path
 
+from vlora import families
 from vlora.errors import VloraError
 
 
 def cmd_tiny_model(args) -> int:
-    from vlora import families
     from vlora.tiny import build_tiny_model
 
     out = build_tiny_model(args.out, family=args.family, seed=args.seed)
@@ -62,11 +62,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlora", description="QLoRA fine-tuning for vision-language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    from vlora.families import DEFAULT, NAMES
-
     t = sub.add_parser("tiny-model", help="build a tiny local Qwen-VL model (random weights) for the demo and tests")
     t.add_argument("--out", required=True, type=Path)
-    t.add_argument("--family", choices=NAMES, default=DEFAULT, help=f"model family (default {DEFAULT})")
+    t.add_argument("--family", choices=families.NAMES, default=families.DEFAULT,
+                   help=f"model family (default {families.DEFAULT})")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_tiny_model)
 
@@ -96,7 +95,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         "and the annotation file's folder, and take paths as written (no parent-folder or shorter-path fallback)")
     k.add_argument("--max-tokens", type=int, default=None, help="reject samples longer than this in training (needs --model)")
     k.add_argument("--model", type=Path, default=None, help="model folder whose processor counts the tokens")
-    k.add_argument("--boxes", choices=("original", "as_written"), default="original",
+    k.add_argument("--boxes", choices=families.BOX_MODES, default="original",
                    help="grounding boxes in the text: in the image's pixels (checked, converted per family in training; "
                         "default) or already in the model's convention (as_written: untouched, train with data.boxes=as_written)")
     # Not given: pack's defaults (vlora.data.pack.DEFAULT_MIN_PIXELS / DEFAULT_MAX_PIXELS, the run's defaults).

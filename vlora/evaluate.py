@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from vlora import families
 from vlora.errors import VloraError
 from vlora.generate import BASE, Answerer, Request, budget_batches, load_for_inference, prompt_text, split_answer, vision_dtype
 
@@ -141,14 +142,12 @@ def evaluate(model_path: str, adapter: str | None, shards: str, out: str, *, max
 
     # Boxes as training converted them: not where the run said they are already in the model's convention, nor
     # where the shards were packed so (--boxes as_written).
-    convert = boxes == "original" and read_manifest(shards).get("checks", {}).get("boxes") != "as_written"
-    items, task_source = eval_items(samples, check_boxes=convert)
+    mode = "as_written" if read_manifest(shards).get("checks", {}).get("boxes") == "as_written" else boxes
+    items, task_source = eval_items(samples, check_boxes=mode == "original")
     model, processor = load_for_inference(model_path, {ADAPTER: adapter} if adapter else {}, quant=quant,
                                           dtype=dtype, device=device)
     systems = (["adapter"] if adapter else []) + (["base"] if with_base or not adapter else [])
-    from vlora import families
-
-    convention = families.of_config(model.config).boxes if convert else None
+    convention = families.of_config(model.config).box_convention(mode)
     collator = Collator(processor, min_pixels=min_pixels, max_pixels=max_pixels, max_length=1 << 30,
                         pixel_dtype=vision_dtype(model), boxes=convention)
     # Answers are scored against references in the image's pixels: their boxes are mapped back first.
@@ -256,7 +255,7 @@ def run_data(adapter: str | None) -> dict:
         return {}
     data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
     found = {k: data[k] for k in ("min_pixels", "max_pixels") if isinstance(data.get(k), int)}
-    return found | ({"boxes": data["boxes"]} if data.get("boxes") in ("original", "as_written") else {})
+    return found | ({"boxes": data["boxes"]} if data.get("boxes") in families.BOX_MODES else {})
 
 
 def cmd_eval(args) -> int:
@@ -302,7 +301,7 @@ def add_eval_parser(sub) -> None:
                    help="default, per task: twice its longest reference answer's tokens + 8, at most 256")
     e.add_argument("--min-pixels", type=int, default=None, help="default: the run's data.min_pixels (its config.yaml)")
     e.add_argument("--max-pixels", type=int, default=None, help="default: the run's data.max_pixels (its config.yaml)")
-    e.add_argument("--boxes", choices=("original", "as_written"), default=None,
+    e.add_argument("--boxes", choices=families.BOX_MODES, default=None,
                    help="grounding boxes in the shards: in image pixels, converted per family (original) or already "
                         "in the model's convention (as_written); default: the run's data.boxes (its config.yaml)")
     e.set_defaults(func=cmd_eval)

@@ -332,7 +332,7 @@ def cmd_generate(args) -> int:
                                           device=args.device)
     from vlora import families
 
-    boxes = families.of_config(model.config).boxes if args.boxes == "original" else None
+    boxes = families.of_config(model.config).box_convention(args.boxes)
     answerer = Answerer(model, processor, min_pixels=args.min_pixels, max_pixels=args.max_pixels, boxes=boxes)
     gen = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
            "temperature": args.temperature or 1.0, "top_p": args.top_p}
@@ -361,6 +361,7 @@ def cmd_generate(args) -> int:
 
 def add_generate_parser(sub) -> None:
     from vlora.config import DataArgs
+    from vlora.families import BOX_MODES
 
     g = sub.add_parser("generate", help="answer prompts with a base model and named adapters (streamed to stdout)")
     g.add_argument("--model", required=True, help="the base model folder (or hub id) the adapters were trained on")
@@ -378,7 +379,7 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--min-pixels", type=int, default=DataArgs.min_pixels, help="the run's data.min_pixels")
     g.add_argument("--max-pixels", type=int, default=DataArgs.max_pixels, help="the run's data.max_pixels")
-    g.add_argument("--boxes", choices=("as_written", "original"), default="as_written",
+    g.add_argument("--boxes", choices=BOX_MODES, default="as_written",
                    help="grounding boxes in prompts and answers: in the model's own convention, as vLLM and `vlora "
                         "serve` take and give them (default), or in the image's pixels, converted both ways as "
                         "training converts its data (original)")

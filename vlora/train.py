@@ -210,7 +210,7 @@ def build(cfg: Config, plan: Plan, resources: contextlib.ExitStack) -> Run:
         from vlora.generate import Answerer
 
         # Boxes as the collator converted them for training, answers' boxes mapped back to the references' pixels.
-        boxes = families.of_model_path(cfg.model.path).boxes if cfg.data.boxes == "original" else None
+        boxes = families.of_model_path(cfg.model.path).box_convention(cfg.data.boxes)
         run.answer_items = heldout_items(cfg.data.val, cfg.run.eval_generate, rank=world.rank, world_size=world.size,
                                          check_boxes=boxes is not None)
         run.answerer = Answerer(model, processor, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
@@ -272,10 +272,9 @@ def _build_data(cfg: Config, world: World, processor, compute_dtype: torch.dtype
     from vlora.data.stream import heldout_batches, parse_sources, train_loader
 
     family = families.of_model_path(cfg.model.path)
-    boxes = family.boxes if cfg.data.boxes == "original" else None  # as_written: the text goes in untouched
     collator = Collator(processor, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
                         max_length=cfg.data.max_length, train_on=cfg.data.train_on, pixel_dtype=compute_dtype,
-                        pack_length=cfg.data.pack_length, boxes=boxes,
+                        pack_length=cfg.data.pack_length, boxes=family.box_convention(cfg.data.boxes),
                         boundaries=family.linear_attention and cfg.data.pack_length > 0)
     batches = train_loader(parse_sources(cfg.data.train), rank=world.rank, world_size=world.size,
                            num_workers=cfg.data.num_workers, seed=cfg.run.seed, micro_batch=cfg.optim.micro_batch,

@@ -64,6 +64,7 @@ from typing import Callable, Iterator
 from PIL import Image
 from webdataset import TarWriter
 
+from vlora import families
 from vlora.data.grounding import check_boxes, convert_boxes
 from vlora.data.formats import BOM, Record, RecordError, UnknownFormat, read_annotations
 from vlora.data.manifest import FORMAT, MANIFEST, write_manifest
@@ -276,9 +277,9 @@ def read_image(ref: Path | str, i: int, max_bytes: int = MAX_IMAGE_BYTES) -> tup
 
 
 QWEN_FACTOR = 28  # Qwen2.5-VL's patch (14) x spatial merge (2): one image token per 28 x 28 pixels
-# Every family's resize factor (vlora.families: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL/3.5; tests hold them equal).
-# A pack without --model does not know which family will train on it: the manifest's pixel floor is kept per factor.
-RESIZE_FACTORS = (28, 32)
+# Every family's resize factor (28 for Qwen2/2.5-VL, 32 for Qwen3-VL/3.5). A pack without --model does not know
+# which family will train on it: the manifest's pixel floor is kept per factor.
+RESIZE_FACTORS = tuple(sorted({families.get(name).resize_factor for name in families.NAMES}))
 
 
 def resized_size(entry: dict, width: int, height: int, *, min_pixels: int, max_pixels: int,
@@ -329,14 +330,12 @@ class TokenCounter:
         import qwen_vl_utils  # noqa: F401  here, before the pool forks, so that workers inherit it
         from transformers import AutoProcessor
 
-        from vlora import families
-
         self.processor = AutoProcessor.from_pretrained(model)
         ip = self.processor.image_processor
         self.factor = ip.patch_size * ip.merge_size
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         # Boxes in image pixels are rewritten in training (more or fewer digits): count the rewritten text.
-        self.boxes = families.of_model_path(model).boxes if boxes == "original" else None
+        self.boxes = families.of_model_path(model).box_convention(boxes)
 
     def image_tokens(self, entry: dict, width: int, height: int) -> int:
         h, w = resized_size(entry, width, height, min_pixels=self.min_pixels, max_pixels=self.max_pixels, factor=self.factor)
@@ -728,8 +727,8 @@ def _make_checker(max_image_pixels: int, max_image_bytes: int, min_pixels: int, 
                   max_tokens: int | None, model, boxes: str) -> Checker:
     if not 0 < min_pixels <= max_pixels:
         raise VloraError(f"need 0 < --min-pixels <= --max-pixels, got {min_pixels} and {max_pixels}")
-    if boxes not in ("original", "as_written"):
-        raise VloraError(f"--boxes is original or as_written, got {boxes!r}")
+    if boxes not in families.BOX_MODES:
+        raise VloraError(f"--boxes is one of {', '.join(families.BOX_MODES)}, got {boxes!r}")
     counter = None
     if max_tokens is not None:
         if model is None or not (Path(model) / "config.json").is_file():

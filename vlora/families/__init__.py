@@ -27,6 +27,9 @@ from vlora.errors import VloraError
 MERGE = 2  # every family merges 2x2 patches into one LLM token
 NAMES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 DEFAULT = "qwen2_5_vl"
+# How boxes are written in a data set or a request (data.boxes, --boxes): "original" = in the image's own pixels,
+# converted to each family's convention as the image is resized; "as_written" = already in it, passed untouched.
+BOX_MODES = ("original", "as_written")
 
 # Decoder-layer and vision-block prefixes, shared by every family's group regexes: peft full-matches
 # target_modules against names relative to the transformers model (with or without peft's prefix, hence `.*\.`).
@@ -58,6 +61,11 @@ class Family:
     def dashed(self) -> str:
         """The name as folders and hub ids write it: qwen2.5-vl, qwen3-vl, qwen3.5."""
         return self.name.replace("_5", ".5").replace("_", "-")
+
+    def box_convention(self, mode: str) -> str | None:
+        """The convention boxes written as `mode` (BOX_MODES: data.boxes, --boxes) are converted to for this
+        family; None: passed untouched."""
+        return self.boxes if mode == "original" else None
 
     @property
     def resize_factor(self) -> int:
